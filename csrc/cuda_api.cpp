@@ -1,0 +1,78 @@
+// Python bindings of the CUDA kernels (compiled only when nvcc is found).
+// Checks live here; kernels in csrc/cuda/*.cu see only SuperposeArgs.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "tangle.h"
+
+namespace py = pybind11;
+
+namespace tangle {
+
+static SuperposeArgs cuda_args(int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg,
+                               uintptr_t w, uintptr_t g, uintptr_t out, uintptr_t t, uintptr_t p,
+                               uintptr_t rowgrp, uintptr_t colgrp, uintptr_t workspace,
+                               int64_t workspace_bytes, int deterministic) {
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument("tangle_kernels._C: bad dtype code");
+  if (R < 0 || C < 0 || nrg <= 0 || ncg <= 0)
+    throw std::invalid_argument("tangle_kernels._C: bad sizes");
+  if (R * C > 0 && (!w || !out || !t || !rowgrp || !colgrp))
+    throw std::invalid_argument("tangle_kernels._C: null pointer for w, out, t, rowgrp or colgrp");
+  SuperposeArgs a;
+  a.dtype = dtype;
+  a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
+  a.w = reinterpret_cast<const void*>(w);
+  a.g = reinterpret_cast<const void*>(g);
+  a.out = reinterpret_cast<void*>(out);
+  a.t = reinterpret_cast<const void*>(t);
+  a.p = reinterpret_cast<void*>(p);
+  a.rowgrp = reinterpret_cast<const int32_t*>(rowgrp);
+  a.colgrp = reinterpret_cast<const int32_t*>(colgrp);
+  a.workspace = reinterpret_cast<void*>(workspace);
+  a.workspace_bytes = workspace_bytes;
+  a.deterministic = deterministic;
+  return a;
+}
+
+void register_cuda(py::module_& m) {
+  m.def(
+      "superpose_forward_cuda",
+      [](int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_t w, uintptr_t out,
+         uintptr_t t, uintptr_t rowgrp, uintptr_t colgrp, uintptr_t stream) {
+        auto a = cuda_args(dtype, R, C, nrg, ncg, w, 0, out, t, 0, rowgrp, colgrp, 0, 0, 1);
+        py::gil_scoped_release nogil;
+        superpose_forward_cuda(a, stream);
+      },
+      py::arg("dtype"), py::arg("R"), py::arg("C"), py::arg("nrg"), py::arg("ncg"), py::arg("w"),
+      py::arg("out"), py::arg("t"), py::arg("rowgrp"), py::arg("colgrp"), py::arg("stream"));
+  m.def(
+      "superpose_backward_cuda_workspace",
+      [](int64_t R, int64_t C, int64_t nrg, int64_t ncg) {
+        SuperposeArgs a;
+        a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
+        return superpose_backward_cuda_workspace(a);
+      },
+      py::arg("R"), py::arg("C"), py::arg("nrg"), py::arg("ncg"));
+  m.def(
+      "superpose_backward_cuda",
+      [](int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_t w, uintptr_t g,
+         uintptr_t dw, uintptr_t t, uintptr_t p, uintptr_t rowgrp, uintptr_t colgrp,
+         uintptr_t workspace, int64_t workspace_bytes, int deterministic, uintptr_t stream) {
+        auto a = cuda_args(dtype, R, C, nrg, ncg, w, g, dw, t, p, rowgrp, colgrp, workspace,
+                           workspace_bytes, deterministic);
+        if (!p) throw std::invalid_argument("tangle_kernels._C: null pointer for P");
+        if (R * C > 0 && !g) throw std::invalid_argument("tangle_kernels._C: null pointer for G");
+        if (deterministic && workspace_bytes < superpose_backward_cuda_workspace(a))
+          throw std::invalid_argument("tangle_kernels._C: workspace too small");
+        py::gil_scoped_release nogil;
+        superpose_backward_cuda(a, stream);
+      },
+      py::arg("dtype"), py::arg("R"), py::arg("C"), py::arg("nrg"), py::arg("ncg"), py::arg("w"),
+      py::arg("g"), py::arg("dw"), py::arg("t"), py::arg("p"), py::arg("rowgrp"),
+      py::arg("colgrp"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("deterministic"), py::arg("stream"));
+}
+
+}  // namespace tangle

@@ -1,0 +1,52 @@
+// tangle_kernels: framework-free kernel interface.
+//
+// Every kernel sees the weight as a contiguous R x C matrix (the layout object in
+// Python picks the split of the tensor's dimensions). Each row r belongs to a row
+// group rowgrp[r] in [0, nrg) and each column c to a column group colgrp[c] in
+// [0, ncg); the cell of element (r, c) is rowgrp[r] * ncg + colgrp[c]. T holds
+// one mask value per cell (T = B @ mix), so
+//
+//   forward:  out[r, c] = W[r, c] * T[cell(r, c)]
+//   backward: dW[r, c]  = G[r, c] * T[cell(r, c)]
+//             P[cell]   = sum over (r, c) in cell of G[r, c] * W[r, c]
+//
+// and d mix = B^T @ P is a tiny matmul done by the caller.
+#pragma once
+#include <cstdint>
+
+namespace tangle {
+
+enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+struct SuperposeArgs {
+  int dtype = kF32;            // storage dtype of w / g / out
+  int64_t R = 0, C = 0;        // weight viewed as a contiguous R x C matrix
+  int64_t nrg = 0, ncg = 0;    // row groups, column groups (cells = nrg * ncg)
+  const void* w = nullptr;     // [R, C] weight
+  const void* g = nullptr;     // [R, C] upstream gradient dL/dW_mix (backward only)
+  void* out = nullptr;         // [R, C] forward: W_mix; backward: dW
+  const void* t = nullptr;     // [nrg * ncg] cell values; float (double when dtype == kF64)
+  void* p = nullptr;           // [nrg * ncg] backward: per-cell sums of G*W (float; double for kF64), overwritten
+  const int32_t* rowgrp = nullptr;  // [R] row group of each row
+  const int32_t* colgrp = nullptr;  // [C] column group of each column
+  const int32_t* runs = nullptr;    // [nruns, 3] maximal column runs (start, end, group), CPU kernels
+  int64_t nruns = 0;
+  void* workspace = nullptr;   // GPU deterministic mode: per-block partials
+  int64_t workspace_bytes = 0;
+  int deterministic = 1;       // GPU: 1 = fixed-order reduction, 0 = atomics allowed
+};
+
+// C++ (OpenMP) kernels, always built. Deterministic whatever the thread count.
+void superpose_forward_cpu(const SuperposeArgs& a);
+void superpose_backward_cpu(const SuperposeArgs& a);
+int cpu_num_threads();
+
+#ifdef TK_WITH_CUDA
+// CUDA kernels (csrc/cuda/*.cu); `stream` is a cudaStream_t passed as an integer.
+void superpose_forward_cuda(const SuperposeArgs& a, uintptr_t stream);
+void superpose_backward_cuda(const SuperposeArgs& a, uintptr_t stream);
+// Bytes of workspace superpose_backward_cuda needs for this problem (deterministic mode).
+int64_t superpose_backward_cuda_workspace(const SuperposeArgs& a);
+#endif
+
+}  // namespace tangle

@@ -1,0 +1,51 @@
+"""tangle_kernels: fused kernels for weight-entangled neural architecture search.
+
+``superpose(weight, mix, layout)`` computes ``W_mix = sum_k mix_k * pad(slice_k(W))``
+and its gradients (dW and d mix) in one pass; ``tangle_kernels.nn`` holds drop-in
+entangled modules; ``tangle_kernels.search`` the NAS driver.
+"""
+
+from __future__ import annotations
+
+from . import _ext
+from .layout import Layout, centered_range, prefix_range
+from .ops.superpose import superpose
+
+__version__ = "0.1.0"
+
+__all__ = ["Layout", "superpose", "prefix_range", "centered_range", "info", "__version__"]
+
+
+def info() -> dict:
+    """What this installation can run: the compiled extension (CPU, CUDA and its
+    archs), a CUDA device, triton (and interpreter mode), the torch version, and
+    the backend chosen automatically per device."""
+    import torch
+
+    from . import backends
+
+    d: dict = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu_extension": _ext.has_cpu_ext(),
+        "cpu_extension_error": _ext._C_ERROR,
+        "openmp_threads": _ext._C.cpu_num_threads() if _ext.has_cpu_ext() else None,
+        "cuda_extension": _ext.has_cuda_ext(),
+        "cuda_archs": _ext.cuda_archs() or None,
+        "cuda_device": torch.cuda.is_available(),
+        "cuda_device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        d["triton"] = triton.__version__
+    except Exception as e:
+        d["triton"] = None
+        d["triton_error"] = f"{type(e).__name__}: {e}"
+    d["triton_interpret"] = backends.triton_interpret()
+    devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    avail = {}
+    for dev in devs:
+        avail[dev.type] = {n: (backends.why_unavailable(n, dev) or "ok") for n in backends.BACKENDS}
+    d["backends"] = avail
+    return d

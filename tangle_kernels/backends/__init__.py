@@ -1,0 +1,116 @@
+"""Backend registry for the superpose kernels.
+
+Names: ``reference`` (padded-sum oracle, plain autograd), ``torch`` (vectorised
+PyTorch), ``cpu`` (C++/OpenMP extension), ``triton`` and ``cuda`` (GPU; triton
+also runs on CPU tensors under ``TRITON_INTERPRET=1``).
+
+Choice: the ``backend=`` argument, else the ``TANGLE_KERNELS_BACKEND`` environment
+variable, else automatic by device (CUDA: triton, then cuda, then torch; CPU: cpu,
+then torch). An explicitly requested backend that cannot run raises; the automatic
+choice falls back with one warning per missing backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
+ENV_VAR = "TANGLE_KERNELS_BACKEND"
+
+_warned: set[str] = set()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def why_unavailable(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run on ``device``, else the reason it cannot."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    if name in ("reference", "torch"):
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, got a tensor on {device}"
+        if not _ext.has_cpu_ext():
+            return f"the compiled extension is missing ({_ext._C_ERROR})"
+        return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, got a tensor on {device}"
+        if not _ext.has_cuda_ext():
+            why = _ext._C_ERROR or "it was built without nvcc or with TANGLE_SKIP_CUDA=1"
+            return f"the CUDA extension is not compiled ({why})"
+        return None
+    if name == "triton":
+        ok, why = _triton_importable()
+        if not ok:
+            return why
+        if device.type == "cpu" and not triton_interpret():
+            return "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
+        if device.type not in ("cpu", "cuda"):
+            return f"triton does not run on {device}"
+        try:
+            get("triton")
+        except Exception as e:
+            return f"the triton kernels failed to import ({type(e).__name__}: {e})"
+        return None
+    return f"unknown backend {name!r}"  # pragma: no cover
+
+
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend to use for tensors on ``device`` (see module docstring)."""
+    explicit = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if explicit is not None:
+        explicit = explicit.lower()
+        why = why_unavailable(explicit, device)
+        if why is not None:
+            src = "backend=" if backend is not None else f"{ENV_VAR}="
+            raise RuntimeError(f"tangle_kernels: {src}{explicit!r} cannot run: {why}")
+        return explicit
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    for i, name in enumerate(order):
+        why = why_unavailable(name, device)
+        if why is None:
+            return name
+        if i == 0 and name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"tangle_kernels: backend {name!r} unavailable on {device.type} ({why}); "
+                f"falling back to {order[-1]!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return "torch"
+
+
+_MODULES = {
+    "torch": ".torch_backend",
+    "cpu": ".cpu",
+    "cuda": ".cuda",
+    "triton": ".triton_superpose",
+}
+
+
+def get(name: str) -> ModuleType:
+    """The module implementing ``forward(w2d, t, tabs)`` / ``backward(g2d, w2d, t, tabs)``."""
+    return importlib.import_module(_MODULES[name], __name__)

@@ -1,0 +1,441 @@
+"""Layouts: the K candidate slices of one max-size weight, as boxes, and the cell
+tables the kernels use (DESIGN.md section 2).
+
+A candidate k is a box (one ``(lo, hi)`` range per dimension of the weight) or,
+for segmented weights such as a stacked q|k|v projection, a union of disjoint
+boxes. The superposition mask is ``M(mix)[i] = sum_k mix_k * [i in candidate k]``.
+
+Cutting every dimension at each distinct ``lo``/``hi`` splits the tensor into a
+small grid of cells on which M is constant. The kernels see the weight as an
+``R x C`` matrix (the leading ``split`` dimensions are rows, the rest columns);
+every row has a row group and every column a column group, and the cell of an
+element is ``rowgrp[r] * ncg + colgrp[c]``. ``B[cell, k] = 1`` when the cell lies
+inside candidate k, so the per-cell mask values are ``T = B @ mix``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+Range = tuple[int, int]
+Box = tuple[Range, ...]
+
+__all__ = ["Layout", "prefix_range", "centered_range"]
+
+
+def prefix_range(size: int, width: int, *, what: str = "width") -> Range:
+    """The range ``[0, width)`` of a dimension of ``size``; checks ``0 < width <= size``."""
+    width = int(width)
+    if not 0 < width <= size:
+        raise ValueError(f"{what}={width} must be in [1, {size}] (the max size of that dimension)")
+    return (0, width)
+
+
+def centered_range(size: int, k: int, *, what: str = "kernel size") -> Range:
+    """The centred window of length ``k`` inside ``size`` (a kxk kernel inside a 7x7 one).
+
+    ``k`` must not exceed ``size`` and must have its parity, so the window is centred.
+    """
+    k = int(k)
+    if not 0 < k <= size:
+        raise ValueError(f"{what}={k} must be in [1, {size}] (the max size of that dimension)")
+    if (size - k) % 2:
+        raise ValueError(
+            f"{what}={k} cannot be centred inside {size}: sizes must have the same parity"
+        )
+    lo = (size - k) // 2
+    return (lo, lo + k)
+
+
+class Layout:
+    """K candidate slices of a weight of rank 1 to 4.
+
+    ``Layout(shape, boxes)`` takes ``boxes``: one box per candidate, each a sequence of
+    one ``(lo, hi)`` pair per dimension of ``shape`` (``0 <= lo < hi <= shape[d]``).
+    With ``owners`` (one candidate index per box) a candidate may own several
+    disjoint boxes (segmented weights); by default box j is candidate j.
+
+    ``labels`` optionally names each candidate (e.g. a dict of choice values). Layouts
+    built by :meth:`grid` also record ``choice_names`` and ``choice_values``: the
+    candidates are then enumerated in ``itertools.product`` order of the choices, so
+    the candidate mix is the flattened outer product of per-choice weights.
+
+    Layouts are immutable and cheap to share; the kernel tables are built once and
+    cached per device.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        boxes: Sequence[Sequence[Sequence[int]]],
+        owners: Sequence[int] | None = None,
+        *,
+        labels: Sequence[Any] | None = None,
+    ):
+        shape = tuple(int(s) for s in shape)
+        if not 1 <= len(shape) <= 4:
+            raise ValueError(f"shape: rank must be 1 to 4, got {len(shape)} ({shape})")
+        if any(s <= 0 for s in shape):
+            raise ValueError(f"shape: every dimension must be positive, got {shape}")
+        if boxes is None or len(boxes) == 0:
+            raise ValueError("boxes: empty candidate list (need at least one candidate)")
+        norm: list[Box] = []
+        for j, box in enumerate(boxes):
+            if len(box) != len(shape):
+                raise ValueError(
+                    f"boxes[{j}]: has {len(box)} ranges but the weight has rank {len(shape)}"
+                )
+            rs = []
+            for d, rng in enumerate(box):
+                if len(rng) != 2:
+                    raise ValueError(f"boxes[{j}][{d}]: expected a (lo, hi) pair, got {rng!r}")
+                lo, hi = int(rng[0]), int(rng[1])
+                if lo >= hi:
+                    raise ValueError(f"boxes[{j}][{d}]: lo={lo} >= hi={hi} (empty range)")
+                if lo < 0 or hi > shape[d]:
+                    raise ValueError(
+                        f"boxes[{j}][{d}]: range [{lo}, {hi}) lies outside dimension {d} "
+                        f"of size {shape[d]}"
+                    )
+                rs.append((lo, hi))
+            norm.append(tuple(rs))
+        if owners is None:
+            owners = list(range(len(norm)))
+        else:
+            owners = [int(o) for o in owners]
+            if len(owners) != len(norm):
+                raise ValueError(f"owners: length {len(owners)} != number of boxes {len(norm)}")
+            if min(owners) < 0:
+                raise ValueError("owners: candidate indices must be non-negative")
+            missing = sorted(set(range(max(owners) + 1)) - set(owners))
+            if missing:
+                raise ValueError(f"owners: candidates {missing} own no box")
+            _check_disjoint(norm, owners)
+        self.shape: tuple[int, ...] = shape
+        self.boxes: tuple[Box, ...] = tuple(norm)
+        self.owners: tuple[int, ...] = tuple(owners)
+        self.K: int = max(owners) + 1
+        if labels is not None and len(labels) != self.K:
+            raise ValueError(f"labels: length {len(labels)} != number of candidates {self.K}")
+        self.labels = list(labels) if labels is not None else list(range(self.K))
+        self.choice_names: tuple[str, ...] = ()
+        self.choice_values: tuple[tuple[Any, ...], ...] = ()
+        self._build_tables()
+        self._device_cache: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ tables
+    def _build_tables(self) -> None:
+        ndim = len(self.shape)
+        cuts = []
+        for d in range(ndim):
+            c = {0, self.shape[d]}
+            for box in self.boxes:
+                c.update(box[d])
+            cuts.append(np.array(sorted(c), dtype=np.int64))
+        nseg = [len(c) - 1 for c in cuts]
+        seg = [
+            (np.searchsorted(cuts[d], np.arange(self.shape[d]), side="right") - 1).astype(np.int64)
+            for d in range(ndim)
+        ]
+        # Split: rows = dims[:s], cols = dims[s:], minimising the table sizes.
+        if ndim == 1:
+            split = 0
+        else:
+            split = min(
+                range(1, ndim),
+                key=lambda s: (math.prod(self.shape[:s]) + math.prod(self.shape[s:]), -s),
+            )
+
+        def group_table(dims: range) -> tuple[np.ndarray, int]:
+            if len(dims) == 0:
+                return np.zeros(1, dtype=np.int64), 1
+            g = np.zeros(1, dtype=np.int64)
+            n = 1
+            for d in dims:
+                g = (g[:, None] * nseg[d] + seg[d][None, :]).reshape(-1)
+                n *= nseg[d]
+            return g, n
+
+        rowgrp, nrg = group_table(range(0, split))
+        colgrp, ncg = group_table(range(split, ndim))
+        # Incidence B[cell, k]: the cell (one segment per dim) lies inside candidate k.
+        grids = np.meshgrid(*[np.arange(n) for n in nseg], indexing="ij")
+        cell_lo = [cuts[d][grids[d]].reshape(-1) for d in range(ndim)]
+        cell_hi = [cuts[d][grids[d] + 1].reshape(-1) for d in range(ndim)]
+        ncells = nrg * ncg
+        B = np.zeros((ncells, self.K), dtype=np.float64)
+        for box, k in zip(self.boxes, self.owners):
+            inside = np.ones(ncells, dtype=bool)
+            for d in range(ndim):
+                lo, hi = box[d]
+                inside &= (cell_lo[d] >= lo) & (cell_hi[d] <= hi)
+            B[inside, k] = 1.0
+        # Maximal runs of constant column group (the CPU kernel's inner loops).
+        change = np.flatnonzero(np.diff(colgrp)) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(colgrp)]])
+        runs = np.stack([starts, ends, colgrp[starts]], axis=1)
+
+        self.split = split
+        self.cuts = tuple(tuple(int(x) for x in c) for c in cuts)
+        self.nrg, self.ncg = int(nrg), int(ncg)
+        self.num_cells = int(ncells)
+        self.rows = int(math.prod(self.shape[:split]))
+        self.cols = int(math.prod(self.shape[split:]))
+        self._cpu_tables = {
+            "rowgrp": torch.from_numpy(rowgrp.astype(np.int32)),
+            "colgrp": torch.from_numpy(colgrp.astype(np.int32)),
+            "runs": torch.from_numpy(np.ascontiguousarray(runs.astype(np.int32))),
+            "B64": torch.from_numpy(B),
+            "B32": torch.from_numpy(B.astype(np.float32)),
+        }
+        # The candidate sizes (number of covered elements), handy for stats and checks.
+        self.candidate_numel = tuple(
+            int(sum(math.prod(hi - lo for lo, hi in box) for box, o in zip(self.boxes, self.owners) if o == k))
+            for k in range(self.K)
+        )
+
+    def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The kernel tables on ``device`` (cached): rowgrp [R], colgrp [C], runs [n, 3]
+        (int32), and the incidence B [cells, K] as float32 (``B32``) and float64 (``B64``)."""
+        device = torch.device(device)
+        key = (device.type, device.index)
+        t = self._device_cache.get(key)
+        if t is None:
+            t = {k: v.to(device) for k, v in self._cpu_tables.items()}
+            self._device_cache[key] = t
+        return t
+
+    # ------------------------------------------------------------------ math
+    def cell_values(self, mix: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``T = B @ mix`` as an ``[nrg, ncg]`` tensor of ``dtype`` (differentiable in mix).
+
+        Written as a broadcast multiply + sum (not a matmul) so that autocast never
+        lowers its precision.
+        """
+        tabs = self.tables(mix.device)
+        B = tabs["B64"] if dtype == torch.float64 else tabs["B32"]
+        return (B * mix.to(dtype)).sum(dim=1).reshape(self.nrg, self.ncg)
+
+    def mask(self, mix: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense mask ``M(mix)`` of the weight's shape (for oracles and inspection)."""
+        dtype = dtype or (mix.dtype if mix.is_floating_point() else torch.float32)
+        T = self.cell_values(mix, dtype)
+        tabs = self.tables(mix.device)
+        M = T.index_select(0, tabs["rowgrp"].long()).index_select(1, tabs["colgrp"].long())
+        return M.reshape(self.shape)
+
+    def slices(self, k: int) -> list[tuple[slice, ...]]:
+        """Index tuples of the boxes of candidate ``k`` (one per box it owns)."""
+        return [tuple(slice(lo, hi) for lo, hi in b) for b, o in zip(self.boxes, self.owners) if o == k]
+
+    # ------------------------------------------------------------------ misc
+    def __repr__(self) -> str:
+        extra = f", choices={dict(zip(self.choice_names, self.choice_values))}" if self.choice_names else ""
+        return (
+            f"Layout(shape={self.shape}, K={self.K}, cells={self.num_cells}, "
+            f"rows x cols={self.rows}x{self.cols}{extra})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Layout)
+            and self.shape == other.shape
+            and self.boxes == other.boxes
+            and self.owners == other.owners
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.shape, self.boxes, self.owners))
+
+    def check_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(
+                f"{name}: shape {tuple(weight.shape)} does not match the layout's shape {self.shape} "
+                "(was the layout built for another weight?)"
+            )
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def product(cls, shape: Sequence[int], ranges: Sequence[Sequence[Range] | None]) -> Layout:
+        """Cartesian product of per-dimension range choices (``None`` = the full dimension).
+
+        Candidates are enumerated in ``itertools.product`` order (last dim fastest).
+        """
+        shape = tuple(int(s) for s in shape)
+        if len(ranges) != len(shape):
+            raise ValueError(f"ranges: {len(ranges)} entries for a weight of rank {len(shape)}")
+        per_dim = []
+        for d, r in enumerate(ranges):
+            if r is None:
+                per_dim.append([(0, shape[d])])
+            else:
+                if len(r) == 0:
+                    raise ValueError(f"ranges[{d}]: empty list of choices")
+                per_dim.append([tuple(x) for x in r])
+        boxes = list(itertools.product(*per_dim))
+        return cls(shape, boxes, labels=boxes)
+
+    @classmethod
+    def prefix(cls, shape: Sequence[int], widths: Sequence[Sequence[int] | None]) -> Layout:
+        """Prefix slices: per dimension a list of widths (first ``w`` entries) or ``None``.
+
+        ``Layout.prefix((384, 384), [[128, 256, 384], [192, 384]])`` has K = 6.
+        """
+        shape = tuple(int(s) for s in shape)
+        if len(widths) != len(shape):
+            raise ValueError(f"widths: {len(widths)} entries for a weight of rank {len(shape)}")
+        ranges = [
+            None if w is None else [prefix_range(shape[d], x, what=f"widths[{d}]") for x in w]
+            for d, w in enumerate(widths)
+        ]
+        return cls.product(shape, ranges)
+
+    @classmethod
+    def grid(
+        cls,
+        shape: Sequence[int],
+        choices: Mapping[str, Sequence[Any]],
+        box_fn: Callable[..., Sequence],
+    ) -> Layout:
+        """Candidates from named choices: one per element of the cartesian product of
+        ``choices`` (insertion order, last choice fastest). ``box_fn(**values)`` returns
+        the candidate's box, or a list of disjoint boxes (a union).
+
+        Example (GPT MLP up-projection, out = embed * ratio)::
+
+            Layout.grid((3072, 768), {"embed": [192, 384, 768], "ratio": [2, 3, 4]},
+                        lambda embed, ratio: [(0, embed * ratio), (0, embed)])
+        """
+        shape = tuple(int(s) for s in shape)
+        if not choices:
+            raise ValueError("choices: need at least one named choice")
+        names = list(choices)
+        values = [list(choices[n]) for n in names]
+        for n, v in zip(names, values):
+            if len(v) == 0:
+                raise ValueError(f"choices[{n!r}]: empty list of values")
+        boxes, owners, labels = [], [], []
+        for k, combo in enumerate(itertools.product(*values)):
+            kw = dict(zip(names, combo))
+            out = box_fn(**kw)
+            out = list(out)
+            if out and isinstance(out[0][0], (int, np.integer)):
+                out = [out]  # a single box
+            for b in out:
+                boxes.append(b)
+                owners.append(k)
+            labels.append(kw)
+        lay = cls(shape, boxes, owners, labels=labels)
+        lay.choice_names = tuple(names)
+        lay.choice_values = tuple(tuple(v) for v in values)
+        return lay
+
+    @classmethod
+    def centered(
+        cls, shape: Sequence[int], sizes: Sequence[int], dims: Sequence[int] = (-2, -1)
+    ) -> Layout:
+        """Centred windows of one size choice applied to all ``dims`` (3x3/5x5 inside 7x7)."""
+        shape = tuple(int(s) for s in shape)
+        dims = [d % len(shape) for d in dims]
+
+        def box(k):
+            return [
+                centered_range(shape[d], k, what="kernel size") if d in dims else (0, shape[d])
+                for d in range(len(shape))
+            ]
+
+        return cls.grid(shape, {"kernel": list(sizes)}, lambda kernel: box(kernel))
+
+    @classmethod
+    def conv(
+        cls,
+        shape: Sequence[int],
+        out_channels: Sequence[int] | None = None,
+        in_channels: Sequence[int] | None = None,
+        kernel_sizes: Sequence[int] | None = None,
+    ) -> Layout:
+        """Conv weight ``(O, I, kh, kw)``: out-channel x in-channel prefixes x centred kernels.
+
+        Each argument ``None`` means that choice is fixed at the max. K is the product of
+        the given choice counts (3 x 3 x 3 = 27 for a typical entangled conv).
+        """
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4:
+            raise ValueError(f"shape: a conv weight has rank 4 (O, I, kh, kw), got {shape}")
+        O, I, kh, kw = shape
+        ch = {
+            "out": list(out_channels) if out_channels is not None else [O],
+            "in": list(in_channels) if in_channels is not None else [I],
+            "kernel": list(kernel_sizes) if kernel_sizes is not None else [max(kh, kw)],
+        }
+        if kernel_sizes is None and kh != kw:
+            ch["kernel"] = [kh]
+
+        def box(out, in_, kernel):
+            return [
+                prefix_range(O, out, what="out_channels"),
+                prefix_range(I, in_, what="in_channels"),
+                centered_range(kh, kernel) if kernel_sizes is not None else (0, kh),
+                centered_range(kw, kernel) if kernel_sizes is not None else (0, kw),
+            ]
+
+        lay = cls.grid(shape, {"out": ch["out"], "in": ch["in"], "kernel": ch["kernel"]},
+                       lambda out, **kw: box(out, kw["in"], kw["kernel"]))
+        return lay
+
+    @classmethod
+    def segmented(
+        cls,
+        shape: Sequence[int],
+        dim: int,
+        num_segments: int,
+        widths: Sequence[int],
+        tie: Sequence[int] = (),
+    ) -> Layout:
+        """Stacked blocks (q | k | v) along ``dim``, each prefix-sliced by the same width.
+
+        ``shape[dim]`` must be ``num_segments * seg``; candidate w keeps rows
+        ``[s*seg, s*seg + w)`` of every segment s. Dimensions in ``tie`` are prefix-sliced
+        with the same width (the input dim of a q|k|v projection).
+        """
+        shape = tuple(int(s) for s in shape)
+        dim = dim % len(shape)
+        if num_segments <= 0 or shape[dim] % num_segments:
+            raise ValueError(
+                f"num_segments={num_segments} must divide shape[{dim}]={shape[dim]}"
+            )
+        seg = shape[dim] // num_segments
+        tie = [t % len(shape) for t in tie]
+
+        def boxes(width):
+            prefix_range(seg, width, what="width")
+            out = []
+            for s in range(num_segments):
+                b = []
+                for d in range(len(shape)):
+                    if d == dim:
+                        b.append((s * seg, s * seg + width))
+                    elif d in tie:
+                        b.append(prefix_range(shape[d], width, what=f"width (tied dim {d})"))
+                    else:
+                        b.append((0, shape[d]))
+                out.append(b)
+            return out
+
+        return cls.grid(shape, {"width": list(widths)}, lambda width: boxes(width))
+
+
+def _check_disjoint(boxes: Sequence[Box], owners: Sequence[int]) -> None:
+    by_owner: dict[int, list[Box]] = {}
+    for b, o in zip(boxes, owners):
+        for other in by_owner.get(o, []):
+            if all(lo1 < hi2 and lo2 < hi1 for (lo1, hi1), (lo2, hi2) in zip(b, other)):
+                raise ValueError(f"boxes: candidate {o} owns overlapping boxes {other} and {b}")
+        by_owner.setdefault(o, []).append(b)

@@ -1,0 +1,3 @@
+from .superpose import superpose, superpose_backward, superpose_forward
+
+__all__ = ["superpose", "superpose_forward", "superpose_backward"]

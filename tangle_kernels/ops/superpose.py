@@ -1,0 +1,153 @@
+"""superpose: the entangled superposition and its gradients in one pass.
+
+    W_mix = W * M(mix),   M(mix)[i] = sum_k mix_k * [i in candidate k]
+
+which equals the padded-sum formulation ``sum_k mix_k * pad(slice_k(W))`` of the
+seed code. With the layout's cell values ``T = B @ mix``:
+
+    forward:   W_mix[i] = W[i] * T[cell(i)]
+    backward:  dW[i]    = G[i] * T[cell(i)]
+               P[c]     = sum over i in cell c of G[i] * W[i]     (one sweep with dW)
+               d mix    = B^T @ P                                  (autograd of T)
+
+Name chain: backend kernels -> ``tangle::superpose_fwd`` / ``tangle::superpose_bwd``
+(custom ops, torch.compile- and opcheck-clean) -> public :func:`superpose`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..backends.reference import superpose_reference
+from ..layout import Layout
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _tabs(rowgrp, colgrp, runs):
+    return {"rowgrp": rowgrp, "colgrp": colgrp, "runs": runs}
+
+
+@torch.library.custom_op("tangle::superpose_fwd", mutates_args=())
+def superpose_forward(
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    rowgrp: torch.Tensor,
+    colgrp: torch.Tensor,
+    runs: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """``W * T[cell]`` with the kernel tables of a :class:`Layout` (see module docstring)."""
+    w2d = weight.reshape(rowgrp.numel(), colgrp.numel())
+    out = backends.get(backend).forward(w2d, t, _tabs(rowgrp, colgrp, runs))
+    return out.reshape(weight.shape)
+
+
+@superpose_forward.register_fake
+def _(weight, t, rowgrp, colgrp, runs, backend):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tangle::superpose_bwd", mutates_args=())
+def superpose_backward(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    rowgrp: torch.Tensor,
+    colgrp: torch.Tensor,
+    runs: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dW, P)``: ``dW = G * T[cell]`` and the per-cell sums ``P = sum_cell G * W``."""
+    R, C = rowgrp.numel(), colgrp.numel()
+    dw, p = backends.get(backend).backward(
+        grad.reshape(R, C), weight.reshape(R, C), t, _tabs(rowgrp, colgrp, runs)
+    )
+    return dw.reshape(weight.shape), p
+
+
+@superpose_backward.register_fake
+def _(grad, weight, t, rowgrp, colgrp, runs, backend):
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(t, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    weight, t, rowgrp, colgrp, runs, backend = inputs
+    ctx.save_for_backward(weight, t, rowgrp, colgrp, runs)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    weight, t, rowgrp, colgrp, runs = ctx.saved_tensors
+    dw, p = superpose_backward(grad, weight, t, rowgrp, colgrp, runs, ctx.backend)
+    return dw, p, None, None, None, None
+
+
+superpose_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(weight, mix, layout) -> None:
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout: expected a tangle_kernels.Layout, got {type(layout).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(mix, torch.Tensor):
+        raise TypeError(f"mix: expected a torch.Tensor, got {type(mix).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"weight: dtype {weight.dtype} is not supported (float32, float64, float16, bfloat16)"
+        )
+    layout.check_weight(weight)
+    if not mix.is_floating_point():
+        raise TypeError(f"mix: must be a floating tensor, got dtype {mix.dtype}")
+    if mix.dim() != 1 or mix.shape[0] != layout.K:
+        raise ValueError(
+            f"mix: expected a vector of length K={layout.K} (one weight per candidate), "
+            f"got shape {tuple(mix.shape)}"
+        )
+    if mix.device != weight.device:
+        raise ValueError(f"mix: is on {mix.device} but weight is on {weight.device}")
+
+
+def superpose(
+    weight: torch.Tensor,
+    mix: torch.Tensor,
+    layout: Layout,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The superposed weight ``W_mix = W * M(mix)`` of the ``layout``'s K candidates.
+
+    Args:
+        weight: the max-size weight, shape ``layout.shape``; float32, float64,
+            float16 or bfloat16. Non-contiguous weights are copied to contiguous.
+        mix: ``[K]`` candidate weights (from a sampler, usually requiring grad), on
+            the weight's device; any floating dtype.
+        layout: the :class:`~tangle_kernels.Layout` of the candidates.
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or
+            ``None`` (``TANGLE_KERNELS_BACKEND``, else automatic by device).
+
+    Returns:
+        ``W_mix`` with the weight's shape and dtype. Gradients flow to ``weight``
+        (``dW = G * M``) and to ``mix`` (``d mix_k = sum over candidate k of G * W``,
+        accumulated in float32, float64 for float64 weights).
+
+    The mask is computed in float32 (float64 for float64 weights) and the product
+    rounded once to the weight's dtype. ``mix`` is not checked for NaN or sign (that
+    would synchronise with the device): the op is linear in ``mix``, so negative
+    values are superposed as given, and a NaN in ``mix_k`` makes every element of
+    candidate k NaN in ``W_mix`` and ``dW`` (and the NaN reaches every d mix entry
+    through ``G``).
+    """
+    _check_inputs(weight, mix, layout)
+    name = backends.resolve(backend, weight.device)
+    if name == "reference":
+        return superpose_reference(weight, mix, layout)
+    tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    t = layout.cell_values(mix, tdtype)
+    tabs = layout.tables(weight.device)
+    return superpose_forward(weight, t, tabs["rowgrp"], tabs["colgrp"], tabs["runs"], name)
