@@ -235,6 +235,23 @@ class Layout:
         """Index tuples of the boxes of candidate ``k`` (one per box it owns)."""
         return [tuple(slice(lo, hi) for lo, hi in b) for b, o in zip(self.boxes, self.owners) if o == k]
 
+    def project(self, dims: Sequence[int]) -> Layout:
+        """The layout of the same K candidates restricted to ``dims`` (e.g. the bias of
+        a linear layer is the projection of its weight layout on dim 0). Boxes of one
+        candidate that coincide after projection are merged."""
+        dims = [d % len(self.shape) for d in dims]
+        boxes, owners, seen = [], [], set()
+        for b, o in zip(self.boxes, self.owners):
+            pb = tuple(b[d] for d in dims)
+            if (pb, o) in seen:
+                continue
+            seen.add((pb, o))
+            boxes.append(pb)
+            owners.append(o)
+        lay = Layout(tuple(self.shape[d] for d in dims), boxes, owners, labels=self.labels)
+        lay.choice_names, lay.choice_values = self.choice_names, self.choice_values
+        return lay
+
     # ------------------------------------------------------------------ misc
     def __repr__(self) -> str:
         extra = f", choices={dict(zip(self.choice_names, self.choice_values))}" if self.choice_names else ""
