@@ -139,9 +139,10 @@ def superpose(
     The mask is computed in float32 (float64 for float64 weights) and the product
     rounded once to the weight's dtype. ``mix`` is not checked for NaN or sign (that
     would synchronise with the device): the op is linear in ``mix``, so negative
-    values are superposed as given, and a NaN in ``mix_k`` makes every element of
-    candidate k NaN in ``W_mix`` and ``dW`` (and the NaN reaches every d mix entry
-    through ``G``).
+    values are superposed as given (as the padded-sum does), and a NaN or inf in any
+    ``mix_k`` makes every element of ``W_mix`` and ``dW`` NaN, exactly like the
+    padded-sum formulation, where the zero padding times NaN is NaN (``d mix`` does
+    not depend on ``mix`` and stays finite).
     """
     _check_inputs(weight, mix, layout)
     name = backends.resolve(backend, weight.device)

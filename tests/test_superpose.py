@@ -1,0 +1,304 @@
+"""superpose: every backend against the padded-sum oracle, forward and backward.
+
+Mirrors tangle_kernels/ops/superpose.py. The Triton backend has its own file
+(tests/test_triton_backend.py) because the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tangle_kernels as tk
+from tangle_kernels import _ext
+from tangle_kernels.backends.reference import superpose_masksum, superpose_reference
+
+CPU_BACKENDS = ["torch"] + (["cpu"] if _ext.has_cpu_ext() else [])
+# Per-dtype tolerances (rtol, atol) for outputs/dW; d mix is a reduction, checked relative
+# to PyTorch's own error in the same dtype (see test_low_precision).
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)}
+
+
+def oracle_grads(weight, mix, layout, grad):
+    w = weight.detach().clone().requires_grad_(True)
+    m = mix.detach().clone().requires_grad_(True)
+    out = superpose_reference(w, m, layout)
+    gw, gm = torch.autograd.grad(out, (w, m), grad)
+    return out.detach(), gw, gm
+
+
+def run_backend(weight, mix, layout, grad, backend):
+    w = weight.detach().clone().requires_grad_(True)
+    m = mix.detach().clone().requires_grad_(True)
+    out = tk.superpose(w, m, layout, backend=backend)
+    gw, gm = torch.autograd.grad(out, (w, m), grad)
+    return out.detach(), gw, gm
+
+
+# --------------------------------------------------------------------- layouts
+PRIMES_AND_SMALL = st.sampled_from([1, 2, 3, 5, 7, 8, 11, 13, 16])
+
+
+@st.composite
+def layouts(draw, max_rank=4):
+    rank = draw(st.integers(1, max_rank))
+    shape = tuple(draw(PRIMES_AND_SMALL) for _ in range(rank))
+    k = draw(st.integers(1, 6))
+    boxes = []
+    for _ in range(k):
+        box = []
+        for size in shape:
+            lo = draw(st.integers(0, size - 1))
+            hi = draw(st.integers(lo + 1, size))
+            box.append((lo, hi))
+        boxes.append(box)
+    return tk.Layout(shape, boxes)
+
+
+@settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(), data=st.data())
+def test_random_layouts_match_oracle(layout, data):
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float64, torch.float32):
+        w = torch.randn(layout.shape, generator=g, dtype=dtype)
+        mix = torch.randn(layout.K, generator=g, dtype=dtype)
+        grad = torch.randn(layout.shape, generator=g, dtype=dtype)
+        ref = oracle_grads(w, mix, layout, grad)
+        rtol, atol = TOL[dtype]
+        for backend in CPU_BACKENDS:
+            got = run_backend(w, mix, layout, grad, backend)
+            for name, a, b in zip(("out", "dW", "dmix"), got, ref):
+                torch.testing.assert_close(
+                    a, b, rtol=rtol, atol=atol * max(1, layout.cols),
+                    msg=f"{backend} {name} {dtype} {layout}",
+                )
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "layout",
+    [
+        tk.Layout.grid((12, 7), {"e": [2, 4, 7], "r": [1, 2]}, lambda e, r: [(0, min(12, e * r)), (0, e)]),
+        tk.Layout.conv((4, 3, 5, 5), [2, 4], [1, 3], [1, 3, 5]),
+        tk.Layout.segmented((9, 3), 0, 3, [1, 3], tie=[1]),
+        tk.Layout.prefix((7,), [[1, 4, 7]]),
+        tk.Layout((1, 1, 1), [((0, 1), (0, 1), (0, 1))]),
+    ],
+    ids=["grid", "conv", "qkv", "1d", "k1-size1"],
+)
+def test_gradcheck_float64(backend, layout):
+    w = torch.randn(layout.shape, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(layout.K, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, m: tk.superpose(w, m, layout, backend=backend), (w, mix))
+
+
+def test_masksum_matches_reference():
+    lay = tk.Layout.conv((4, 3, 5, 5), [2, 4], [1, 3], [3, 5])
+    w = torch.randn(lay.shape, dtype=torch.float64)
+    mix = torch.rand(lay.K, dtype=torch.float64)
+    torch.testing.assert_close(superpose_masksum(w, mix, lay), superpose_reference(w, mix, lay))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    """Half dtypes: outputs within one rounding of the fp64 oracle; d mix error at most
+    2x the error of PyTorch's own same-dtype padded-sum (flash-attention's criterion)."""
+    lay = tk.Layout.grid((96, 40), {"e": [10, 20, 40], "r": [1, 2]}, lambda e, r: [(0, e * r + 16), (0, e)])
+    w64 = torch.randn(lay.shape, dtype=torch.float64)
+    mix64 = torch.rand(lay.K, dtype=torch.float64)
+    g64 = torch.randn(lay.shape, dtype=torch.float64)
+    exact = oracle_grads(w64, mix64, lay, g64)
+    w, g = w64.to(dtype), g64.to(dtype)
+    exact_lp = oracle_grads(w.double(), mix64.float().double(), lay, g.double())
+    torch_lp = oracle_grads(w, mix64.float().to(dtype), lay, g)
+    ours = run_backend(w, mix64.float(), lay, g, backend)
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == torch.float32
+    eps = torch.finfo(dtype).eps
+    for i in (0, 1):  # out, dW: one rounding of the exact product
+        err = (ours[i].double() - exact_lp[i]).abs()
+        assert (err <= exact_lp[i].abs() * eps + 1e-30).all()
+    ours_err = (ours[2].double() - exact_lp[2]).abs().max()
+    torch_err = (torch_lp[2].double() - exact[2]).abs().max()
+    assert ours_err <= 2 * torch_err + 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_noncontiguous_and_k1(backend):
+    lay = tk.Layout.prefix((6, 9), [[6], [9]])  # K = 1, the full weight
+    base = torch.randn(9, 6, dtype=torch.float64)
+    w = base.t().requires_grad_(False)  # non-contiguous view
+    assert not w.is_contiguous()
+    mix = torch.tensor([0.75], dtype=torch.float64)
+    out = tk.superpose(w, mix, lay, backend=backend)
+    torch.testing.assert_close(out, 0.75 * w)
+
+
+def test_cpu_backend_deterministic_across_threads():
+    if not _ext.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    code = (
+        "import torch, tangle_kernels as tk\n"
+        "lay = tk.Layout.conv((64, 48, 7, 7), [16, 32, 64], [12, 24, 48], [3, 5, 7])\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "w = torch.randn(lay.shape, generator=g).requires_grad_(True)\n"
+        "m = torch.rand(lay.K, generator=g).requires_grad_(True)\n"
+        "G = torch.randn(lay.shape, generator=g)\n"
+        "tk.superpose(w, m, lay, backend='cpu').backward(G)\n"
+        "print(m.grad.double().numpy().tobytes().hex())\n"
+    )
+    outs = []
+    for n in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        outs.append(r.stdout.strip())
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_nan_mix_behaves_like_padded_sum():
+    lay = tk.Layout.prefix((4, 4), [[2, 4], None])
+    w = torch.randn(4, 4)
+    mix = torch.tensor([float("nan"), 1.0])
+    ours = tk.superpose(w, mix, lay)
+    ref = superpose_reference(w, mix, lay)
+    assert torch.isnan(ours).all() and torch.isnan(ref).all()
+    neg = torch.tensor([-1.0, 0.5])
+    torch.testing.assert_close(tk.superpose(w, neg, lay), superpose_reference(w, neg, lay))
+
+
+# --------------------------------------------------------------- integration
+def test_opcheck():
+    lay = tk.Layout.grid((10, 6), {"e": [2, 6], "r": [1, 2]}, lambda e, r: [(0, min(10, 5 * r)), (0, e)])
+    tabs = lay.tables("cpu")
+    w = torch.randn(lay.shape, requires_grad=True)
+    mix = torch.rand(lay.K, requires_grad=True)
+    t = lay.cell_values(mix).detach().requires_grad_(True)
+    for backend in CPU_BACKENDS:
+        args = (w, t, tabs["rowgrp"], tabs["colgrp"], tabs["runs"], backend)
+        torch.library.opcheck(torch.ops.tangle.superpose_fwd.default, args)
+        g = torch.randn(lay.shape)
+        torch.library.opcheck(
+            torch.ops.tangle.superpose_bwd.default, (g, w.detach(), t.detach(), *args[2:])
+        )
+
+
+def test_torch_compile_fullgraph():
+    lay = tk.Layout.grid((12, 8), {"e": [4, 8], "r": [1, 2, 3]}, lambda e, r: [(0, 4 * r), (0, e)])
+    w = torch.randn(lay.shape, requires_grad=True)
+    alpha = torch.randn(6, requires_grad=True)
+
+    def f(x, w, alpha):
+        mix = torch.softmax(alpha, 0)
+        return (x @ tk.superpose(w, mix, lay).t()).square().sum()
+
+    x = torch.randn(5, 8)
+    cf = torch.compile(f, fullgraph=True, backend="inductor")
+    got = cf(x, w, alpha)
+    gw, ga = torch.autograd.grad(got, (w, alpha))
+    ref_out = (x @ superpose_reference(w, torch.softmax(alpha, 0), lay).t()).square().sum()
+    rw, ra = torch.autograd.grad(ref_out, (w, alpha))
+    torch.testing.assert_close(got, ref_out)
+    torch.testing.assert_close(gw, rw)
+    torch.testing.assert_close(ga, ra)
+
+
+def test_autocast_cpu():
+    lay = tk.Layout.prefix((16, 8), [[8, 16], [4, 8]])
+    w = torch.randn(lay.shape, requires_grad=True)
+    alpha = torch.zeros(lay.K, requires_grad=True)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wm = tk.superpose(w, torch.softmax(alpha, 0), lay)
+        y = torch.nn.functional.linear(x, wm)
+    assert wm.dtype == torch.float32 and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad is not None and alpha.grad is not None and torch.isfinite(alpha.grad).all()
+
+
+# -------------------------------------------------------------------- errors
+def test_bad_inputs_name_the_argument():
+    lay = tk.Layout.prefix((4, 4), [[2, 4], None])
+    w = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="mix: expected a vector of length K=2"):
+        tk.superpose(w, torch.rand(3), lay)
+    with pytest.raises(ValueError, match="mix: is on meta"):
+        tk.superpose(w, torch.rand(2, device="meta"), lay)
+    with pytest.raises(ValueError, match="weight: shape"):
+        tk.superpose(torch.randn(5, 4), torch.rand(2), lay)
+    with pytest.raises(TypeError, match="mix: must be a floating"):
+        tk.superpose(w, torch.tensor([1, 0]), lay)
+    with pytest.raises(TypeError, match="weight: dtype"):
+        tk.superpose(w.long(), torch.rand(2), lay)
+    with pytest.raises(TypeError, match="layout:"):
+        tk.superpose(w, torch.rand(2), "not a layout")
+    with pytest.raises(ValueError, match=r"boxes\[0\]\[1\]: lo=3 >= hi=3"):
+        tk.Layout((4, 4), [[(0, 2), (3, 3)]])
+    with pytest.raises(ValueError, match="outside dimension 0"):
+        tk.Layout((4, 4), [[(0, 5), (0, 4)]])
+    with pytest.raises(ValueError, match="empty candidate list"):
+        tk.Layout((4, 4), [])
+    with pytest.raises(ValueError, match="has 1 ranges but the weight has rank 2"):
+        tk.Layout((4, 4), [[(0, 2)]])
+    with pytest.raises(ValueError, match="rank must be 1 to 4"):
+        tk.Layout((2, 2, 2, 2, 2), [[(0, 1)] * 5])
+    with pytest.raises(ValueError, match="kernel size=4 cannot be centred"):
+        tk.Layout.conv((4, 4, 7, 7), kernel_sizes=[3, 4])
+    with pytest.raises(ValueError, match="kernel size=9 must be in"):
+        tk.Layout.conv((4, 4, 7, 7), kernel_sizes=[9])
+    with pytest.raises(ValueError, match="overlapping boxes"):
+        tk.Layout((4,), [[(0, 2)], [(1, 3)]], owners=[0, 0])
+
+
+def test_backend_selection(monkeypatch):
+    lay = tk.Layout.prefix((4, 4), [[2, 4], None])
+    w, mix = torch.randn(4, 4), torch.rand(2)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        tk.superpose(w, mix, lay, backend="cuda")
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        tk.superpose(w, mix, lay, backend="nope")
+    monkeypatch.setenv("TANGLE_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="TANGLE_KERNELS_BACKEND='cuda' cannot run"):
+        tk.superpose(w, mix, lay)
+    monkeypatch.setenv("TANGLE_KERNELS_BACKEND", "torch")
+    from tangle_kernels import backends
+
+    assert backends.resolve(None, w.device) == "torch"
+    monkeypatch.delenv("TANGLE_KERNELS_BACKEND")
+    assert backends.resolve(None, w.device) == ("cpu" if _ext.has_cpu_ext() else "torch")
+
+
+# ------------------------------------------------------------------- layouts
+def test_named_constructors():
+    lay = tk.Layout.conv((8, 6, 7, 7), [4, 8], [3, 6], [3, 5, 7])
+    assert lay.K == 12 and lay.choice_names == ("out", "in", "kernel")
+    assert lay.boxes[0] == ((0, 4), (0, 3), (2, 5), (2, 5))
+    qkv = tk.Layout.segmented((12, 4), 0, 3, [2, 4], tie=[1])
+    assert qkv.K == 2 and qkv.owners == (0, 0, 0, 1, 1, 1)
+    assert qkv.boxes[1] == ((4, 6), (0, 2))
+    b = qkv.project([0])
+    assert b.shape == (12,) and b.K == 2 and b.boxes[0] == ((0, 2),)
+    pre = tk.Layout.prefix((5, 3), [[2, 5], None])
+    assert pre.boxes == (((0, 2), (0, 3)), ((0, 5), (0, 3)))
+    cen = tk.Layout.centered((2, 7, 7), [3, 7])
+    assert cen.boxes[0] == ((0, 2), (2, 5), (2, 5))
+
+
+def test_grid_order_matches_outer_product():
+    from tangle_kernels.nn.arch import candidate_mix
+
+    lay = tk.Layout.grid((12, 4), {"e": [2, 4], "r": [1, 2, 3]}, lambda e, r: [(0, e * r), (0, e)])
+    a = {"e": torch.tensor([0.25, 0.75], dtype=torch.float64), "r": torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)}
+    mix = candidate_mix(a, lay.choice_names)
+    for k, lab in enumerate(lay.labels):
+        expect = a["e"][[2, 4].index(lab["e"])] * a["r"][[1, 2, 3].index(lab["r"])]
+        assert mix[k] == expect
+    # The mask of a prefix layout is the cumulative weight of the candidates covering it.
+    M = lay.mask(mix)
+    assert M[0, 0] == pytest.approx(1.0) and M[11, 3] == pytest.approx(float(a["e"][1] * a["r"][2]))
