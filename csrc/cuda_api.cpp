@@ -18,8 +18,8 @@ static SuperposeArgs cuda_args(int dtype, int64_t R, int64_t C, int64_t nrg, int
   if (dtype < 0 || dtype > 3) throw std::invalid_argument("tangle_kernels._C: bad dtype code");
   if (R < 0 || C < 0 || nrg <= 0 || ncg <= 0)
     throw std::invalid_argument("tangle_kernels._C: bad sizes");
-  if (R * C > 0 && (!w || !out || !t || !rowgrp || !colgrp))
-    throw std::invalid_argument("tangle_kernels._C: null pointer for w, out, t, rowgrp or colgrp");
+  if (R * C > 0 && (!w || !out))
+    throw std::invalid_argument("tangle_kernels._C: null pointer for w or out");
   SuperposeArgs a;
   a.dtype = dtype;
   a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
@@ -36,12 +36,18 @@ static SuperposeArgs cuda_args(int dtype, int64_t R, int64_t C, int64_t nrg, int
   return a;
 }
 
+static void check_tables(const SuperposeArgs& a) {
+  if (a.R * a.C > 0 && (!a.t || !a.rowgrp || !a.colgrp))
+    throw std::invalid_argument("tangle_kernels._C: null pointer for t, rowgrp or colgrp");
+}
+
 void register_cuda(py::module_& m) {
   m.def(
       "superpose_forward_cuda",
       [](int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_t w, uintptr_t out,
          uintptr_t t, uintptr_t rowgrp, uintptr_t colgrp, uintptr_t stream) {
         auto a = cuda_args(dtype, R, C, nrg, ncg, w, 0, out, t, 0, rowgrp, colgrp, 0, 0, 1);
+        check_tables(a);
         py::gil_scoped_release nogil;
         superpose_forward_cuda(a, stream);
       },
@@ -49,12 +55,16 @@ void register_cuda(py::module_& m) {
       py::arg("out"), py::arg("t"), py::arg("rowgrp"), py::arg("colgrp"), py::arg("stream"));
   m.def(
       "superpose_backward_cuda_workspace",
-      [](int64_t R, int64_t C, int64_t nrg, int64_t ncg) {
-        SuperposeArgs a;
-        a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
+      [](int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_t w, uintptr_t g,
+         uintptr_t dw) {
+        // The launch plan (hence the workspace) depends on the pointers' alignment and
+        // on the current device's SM count: pass the very tensors of the launch.
+        auto a = cuda_args(dtype, R, C, nrg, ncg, w, g, dw, 0, 0, 0, 0, 0, 0, 1);
         return superpose_backward_cuda_workspace(a);
       },
-      py::arg("R"), py::arg("C"), py::arg("nrg"), py::arg("ncg"));
+      py::arg("dtype"), py::arg("R"), py::arg("C"), py::arg("nrg"), py::arg("ncg"), py::arg("w"),
+      py::arg("g"), py::arg("dw"),
+      "Bytes of workspace the deterministic backward needs for these tensors.");
   m.def(
       "superpose_backward_cuda",
       [](int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_t w, uintptr_t g,
@@ -62,6 +72,7 @@ void register_cuda(py::module_& m) {
          uintptr_t workspace, int64_t workspace_bytes, int deterministic, uintptr_t stream) {
         auto a = cuda_args(dtype, R, C, nrg, ncg, w, g, dw, t, p, rowgrp, colgrp, workspace,
                            workspace_bytes, deterministic);
+        check_tables(a);
         if (!p) throw std::invalid_argument("tangle_kernels._C: null pointer for P");
         if (R * C > 0 && !g) throw std::invalid_argument("tangle_kernels._C: null pointer for G");
         if (deterministic && workspace_bytes < superpose_backward_cuda_workspace(a))

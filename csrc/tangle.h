@@ -31,9 +31,10 @@ struct SuperposeArgs {
   const int32_t* colgrp = nullptr;  // [C] column group of each column
   const int32_t* runs = nullptr;    // [nruns, 3] maximal column runs (start, end, group), CPU kernels
   int64_t nruns = 0;
-  void* workspace = nullptr;   // GPU deterministic mode: per-block partials
-  int64_t workspace_bytes = 0;
-  int deterministic = 1;       // GPU: 1 = fixed-order reduction, 0 = atomics allowed
+  void* workspace = nullptr;   // GPU deterministic mode: [grid, nrg*ncg] per-block partials of P
+  int64_t workspace_bytes = 0; //   (zeroed by the kernel launcher; size from *_workspace below)
+  int deterministic = 1;       // GPU: 1 = per-block partials + fixed-order reduction (bitwise
+                               //   repeatable on a given GPU model), 0 = atomics into P
 };
 
 // C++ (OpenMP) kernels, always built. Deterministic whatever the thread count.
@@ -45,7 +46,9 @@ int cpu_num_threads();
 // CUDA kernels (csrc/cuda/*.cu); `stream` is a cudaStream_t passed as an integer.
 void superpose_forward_cuda(const SuperposeArgs& a, uintptr_t stream);
 void superpose_backward_cuda(const SuperposeArgs& a, uintptr_t stream);
-// Bytes of workspace superpose_backward_cuda needs for this problem (deterministic mode).
+// Bytes of workspace superpose_backward_cuda needs in deterministic mode. The launch plan
+// depends on dtype, R, C, nrg, ncg, the 16-byte alignment of w / g / out and the current
+// device's SM count, so call it with the arguments of the launch.
 int64_t superpose_backward_cuda_workspace(const SuperposeArgs& a);
 #endif
 

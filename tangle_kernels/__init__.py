@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from . import _ext
 from .layout import Layout, centered_range, prefix_range
+from .ops.entangled_linear import entangled_linear
 from .ops.superpose import superpose
 
 __version__ = "0.1.0"
 
-__all__ = ["Layout", "superpose", "prefix_range", "centered_range", "info", "__version__"]
+__all__ = [
+    "Layout",
+    "superpose",
+    "entangled_linear",
+    "prefix_range",
+    "centered_range",
+    "entangle",
+    "extract",
+    "info",
+    "__version__",
+]
 
 
 def info() -> dict:
@@ -49,3 +60,6 @@ def info() -> dict:
         avail[dev.type] = {n: (backends.why_unavailable(n, dev) or "ok") for n in backends.BACKENDS}
     d["backends"] = avail
     return d
+
+
+from .nn import entangle, extract  # noqa: E402  (nn imports the ops above)

@@ -85,7 +85,9 @@ void bwd_impl(const SuperposeArgs& a) {
   const int64_t rows_per = rows_per_chunk(R, C);
   const int64_t nch = std::max<int64_t>(1, (R + rows_per - 1) / rows_per);
   std::vector<double> partial(size_t(nch * ncells), 0.0);
-#pragma omp parallel
+  // Small tensors run on one thread: a parallel region costs more than the work, and
+  // far more on a loaded machine. The result does not depend on this (fixed chunks).
+#pragma omp parallel if (R * C > (1 << 15) && nch > 1)
   {
     // Per-thread accumulators: one length-C vector per row group, in double.
     std::vector<double> accum(static_cast<size_t>(nrg * C));

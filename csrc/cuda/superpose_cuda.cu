@@ -1,14 +1,29 @@
 // CUDA superpose kernels (see tangle.h for the math).
 //
-// forward: a grid-stride elementwise kernel, out = w * T[cell].
-// backward: dW = G * T[cell] and per-cell sums P of G * W. Each block keeps its
-// partial sums in shared memory; deterministic mode writes one row of partials per
-// block to the workspace and a second kernel adds them in block order, the atomic
-// mode adds the block's partials to P with global atomics.
+// Tiling ("row-group-aware tiles"): the R x C weight is cut into column strips of
+// blockDim.x * VEC columns (VEC = elements per 16-byte vector when C is a multiple of
+// VEC and every pointer is 16-byte aligned, else 1) and row tiles of RT rows. A tile
+// is (row tile, strip); each thread owns VEC consecutive columns of its strip for the
+// whole tile, so it loads its column groups once per tile and its VEC mask values
+// once per run of rows with the same row group: the inner loop is a pure stream of
+// 16-byte loads and stores (w, g in; out / dW out) with no per-element lookups.
+// The grid is sized to the SMs (blocks_per_SM * SMs, capped by the tile count) and
+// blocks walk the tiles grid-stride.
+//
+// Backward P: per thread, G*W is accumulated in registers over a run of rows of one
+// row group (fixed order). At the end of the run the block "flushes": the per-column
+// sums go to shared memory and each warp reduces a set of column groups (lanes scan
+// the strip in a fixed order, then a fixed shuffle tree). The per-cell result goes
+//  - deterministic mode: into this block's own row of a workspace [grid, ncells]
+//    (flushes of one block are ordered by __syncthreads), then a second kernel adds
+//    the rows in block order. Bitwise repeatable for a given GPU model (the grid
+//    depends on the SM count).
+//  - atomic mode: atomicAdd into P (one atomic per cell per flush).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -39,58 +54,217 @@ template <> struct CV<__nv_bfloat16> {
   __device__ static __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
 };
 
-constexpr int kThreads = 256;
-constexpr int kMaxBlocks = 1024;
-constexpr int64_t kMaxSharedCells = 8192;
+// VEC elements loaded/stored as one 16-byte (or smaller when VEC == 1) access.
+template <typename S, int VEC> struct alignas(sizeof(S) * VEC) Pack {
+  S v[VEC];
+};
+
+constexpr int kMaxThreads = 256;
 
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
-inline int num_blocks(int64_t n) {
-  int64_t b = (n + kThreads - 1) / kThreads;
-  if (b < 1) b = 1;
-  return int(b < kMaxBlocks ? b : kMaxBlocks);
-}
-
-template <typename S, typename TT>
-__global__ void fwd_kernel(const S* __restrict__ w, S* __restrict__ out, const TT* __restrict__ t,
-                           const int32_t* __restrict__ rowgrp, const int32_t* __restrict__ colgrp,
-                           int64_t R, int64_t C, int64_t ncg) {
-  const int64_t n = R * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / C, c = i - r * C;
-    const TT m = t[int64_t(rowgrp[r]) * ncg + colgrp[c]];
-    out[i] = CV<S>::st(CV<S>::ld(w[i]) * typename CV<S>::acc(m));
+int elem_size(int dtype) {
+  switch (dtype) {
+    case kF32: return 4;
+    case kF64: return 8;
+    default: return 2;
   }
 }
 
-// One block per contiguous slice of elements; partial sums in shared memory.
-template <typename S, typename TT>
-__global__ void bwd_kernel(const S* __restrict__ w, const S* __restrict__ g, S* __restrict__ dw,
-                           const TT* __restrict__ t, TT* __restrict__ p, TT* __restrict__ partial,
-                           const int32_t* __restrict__ rowgrp, const int32_t* __restrict__ colgrp,
-                           int64_t R, int64_t C, int64_t ncg, int64_t ncells, int deterministic) {
+int num_sms() {
+  int dev = 0, n = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "SM count");
+  return n > 0 ? n : 1;
+}
+
+struct Plan {
+  int vec = 1;           // elements per vector access
+  int threads = 32;      // block size; a strip is threads * vec columns
+  int strips = 1;        // column strips
+  int64_t rt = 1;        // rows per tile
+  int64_t n_tiles = 0;   // row tiles * strips
+  int grid = 1;          // blocks (<= n_tiles)
+};
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The launch plan; deterministic for given sizes, dtype, pointer alignment and GPU.
+Plan make_plan(const SuperposeArgs& a, bool backward) {
+  Plan pl;
+  const int es = elem_size(a.dtype);
+  int vec = 16 / es;
+  bool ok = a.C % vec == 0 && aligned16(a.w) && aligned16(a.out);
+  if (backward) ok = ok && aligned16(a.g);
+  pl.vec = ok ? vec : 1;
+  const int64_t cv = a.C / pl.vec;  // column vectors per row (exact when vec > 1)
+  const int64_t ncv = pl.vec > 1 ? cv : a.C;
+  int64_t strips = (ncv + kMaxThreads - 1) / kMaxThreads;
+  if (strips < 1) strips = 1;
+  int64_t per = (ncv + strips - 1) / strips;
+  int threads = int((per + 31) / 32 * 32);
+  if (threads < 32) threads = 32;
+  if (threads > kMaxThreads) threads = kMaxThreads;
+  pl.threads = threads;
+  pl.strips = int(strips);
+  const int sms = num_sms();
+  int bps = 2048 / threads;
+  if (bps > 16) bps = 16;
+  // Rows per tile: enough tiles for ~4 blocks per SM, at most 64 rows.
+  int64_t rt = a.R * strips / (int64_t(4) * sms);
+  if (rt < 1) rt = 1;
+  if (rt > 64) rt = 64;
+  pl.rt = rt;
+  pl.n_tiles = (a.R + rt - 1) / rt * strips;
+  int64_t grid = int64_t(sms) * bps;
+  if (grid > pl.n_tiles) grid = pl.n_tiles;
+  pl.grid = int(grid < 1 ? 1 : grid);
+  return pl;
+}
+
+template <typename S, typename TT, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    fwd_kernel(const S* __restrict__ w, S* __restrict__ out, const TT* __restrict__ t,
+               const int32_t* __restrict__ rowgrp, const int32_t* __restrict__ colgrp, int64_t R,
+               int64_t C, int64_t ncg, int64_t rt, int strips, int64_t n_tiles) {
+  using A = typename CV<S>::acc;
+  using P = Pack<S, VEC>;
+  const int64_t ncv = C / VEC;
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const int64_t rtile = tile / strips;
+    const int64_t strip = tile - rtile * strips;
+    const int64_t cv = strip * blockDim.x + threadIdx.x;
+    if (cv >= ncv) continue;  // no barriers in this kernel
+    const int64_t c0 = cv * VEC;
+    int cg[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) cg[v] = colgrp[c0 + v];
+    const int64_t r1 = (rtile + 1) * rt < R ? (rtile + 1) * rt : R;
+    int64_t r = rtile * rt;
+    while (r < r1) {
+      const int rg = rowgrp[r];
+      int64_t re = r + 1;
+      while (re < r1 && rowgrp[re] == rg) ++re;
+      const TT* trow = t + int64_t(rg) * ncg;
+      A tv[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) tv[v] = A(trow[cg[v]]);
+#pragma unroll 4
+      for (int64_t rr = r; rr < re; ++rr) {
+        const P x = *reinterpret_cast<const P*>(w + rr * C + c0);
+        P y;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) y.v[v] = CV<S>::st(CV<S>::ld(x.v[v]) * tv[v]);
+        *reinterpret_cast<P*>(out + rr * C + c0) = y;
+      }
+      r = re;
+    }
+  }
+}
+
+template <typename S, typename TT, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    bwd_kernel(const S* __restrict__ w, const S* __restrict__ g, S* __restrict__ dw,
+               const TT* __restrict__ t, TT* __restrict__ p, TT* __restrict__ ws,
+               const int32_t* __restrict__ rowgrp, const int32_t* __restrict__ colgrp, int64_t R,
+               int64_t C, int64_t ncg, int64_t ncells, int64_t rt, int strips, int64_t n_tiles,
+               int deterministic) {
+  using P = Pack<S, VEC>;
   extern __shared__ unsigned char smem_raw[];
-  TT* sp = reinterpret_cast<TT*>(smem_raw);
-  for (int64_t j = threadIdx.x; j < ncells; j += blockDim.x) sp[j] = TT(0);
-  __syncthreads();
-  const int64_t n = R * C;
-  const int64_t per_block = (n + gridDim.x - 1) / gridDim.x;
-  const int64_t lo = blockIdx.x * per_block;
-  const int64_t hi = lo + per_block < n ? lo + per_block : n;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    const int64_t r = i / C, c = i - r * C;
-    const int64_t cell = int64_t(rowgrp[r]) * ncg + colgrp[c];
-    const typename CV<S>::acc gv = CV<S>::ld(g[i]);
-    dw[i] = CV<S>::st(gv * typename CV<S>::acc(t[cell]));
-    atomicAdd(&sp[cell], TT(gv * CV<S>::ld(w[i])));
-  }
-  __syncthreads();
-  for (int64_t j = threadIdx.x; j < ncells; j += blockDim.x) {
-    if (deterministic) partial[blockIdx.x * ncells + j] = sp[j];
-    else atomicAdd(&p[j], sp[j]);
+  const int nthr = blockDim.x;
+  const int width = nthr * VEC;  // columns of a strip
+  TT* s_acc = reinterpret_cast<TT*>(smem_raw);
+  int* s_cg = reinterpret_cast<int*>(s_acc + width);
+  __shared__ int s_lo, s_hi;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = nthr >> 5;
+  const int64_t ncv = C / VEC;
+  TT* wsrow = deterministic ? ws + int64_t(blockIdx.x) * ncells : nullptr;
+
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const int64_t rtile = tile / strips;
+    const int64_t strip = tile - rtile * strips;
+    const int64_t cv = strip * nthr + threadIdx.x;
+    const bool active = cv < ncv;
+    const int64_t c0 = cv * VEC;
+    int cg[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) cg[v] = active ? colgrp[c0 + v] : -1;
+    __syncthreads();  // the previous tile's flush has finished reading s_cg
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) s_cg[threadIdx.x * VEC + v] = cg[v];
+    if (threadIdx.x == 0) {
+      s_lo = INT_MAX;
+      s_hi = -1;
+    }
+    __syncthreads();
+    if (active) {
+      int lo = cg[0], hi = cg[0];
+#pragma unroll
+      for (int v = 1; v < VEC; ++v) {
+        lo = cg[v] < lo ? cg[v] : lo;
+        hi = cg[v] > hi ? cg[v] : hi;
+      }
+      atomicMin(&s_lo, lo);
+      atomicMax(&s_hi, hi);
+    }
+    __syncthreads();
+    const int glo = s_lo, ghi = s_hi;
+
+    const int64_t r1 = (rtile + 1) * rt < R ? (rtile + 1) * rt : R;
+    int64_t r = rtile * rt;
+    while (r < r1) {  // block-uniform: every thread reads the same rowgrp entries
+      const int rg = rowgrp[r];
+      int64_t re = r + 1;
+      while (re < r1 && rowgrp[re] == rg) ++re;
+      TT acc[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = TT(0);
+      if (active) {
+        const TT* trow = t + int64_t(rg) * ncg;
+        TT tv[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) tv[v] = trow[cg[v]];
+#pragma unroll 4
+        for (int64_t rr = r; rr < re; ++rr) {
+          const P gx = *reinterpret_cast<const P*>(g + rr * C + c0);
+          const P wx = *reinterpret_cast<const P*>(w + rr * C + c0);
+          P y;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const TT gv = TT(CV<S>::ld(gx.v[v]));
+            y.v[v] = CV<S>::st(gv * tv[v]);
+            acc[v] += gv * TT(CV<S>::ld(wx.v[v]));
+          }
+          *reinterpret_cast<P*>(dw + rr * C + c0) = y;
+        }
+      }
+      // Flush the run: per-column sums -> per-cell sums of row group rg.
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) s_acc[threadIdx.x * VEC + v] = acc[v];
+      __syncthreads();
+      for (int grp = glo + warp; grp <= ghi; grp += nwarps) {
+        TT sum = TT(0);
+        bool found = false;
+        for (int j = lane; j < width; j += 32) {
+          if (s_cg[j] == grp) {
+            sum += s_acc[j];
+            found = true;
+          }
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
+        found = __any_sync(0xffffffffu, found);
+        if (lane == 0 && found) {
+          const int64_t cell = int64_t(rg) * ncg + grp;
+          if (deterministic) wsrow[cell] += sum;
+          else atomicAdd(p + cell, sum);
+        }
+      }
+      __syncthreads();  // s_acc is rewritten by the next run
+      r = re;
+    }
   }
 }
 
@@ -100,37 +274,63 @@ __global__ void reduce_partials(const TT* __restrict__ partial, TT* __restrict__
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < ncells;
        j += int64_t(gridDim.x) * blockDim.x) {
     TT s = 0;
-    for (int b = 0; b < nblocks; ++b) s += partial[b * ncells + j];
+    for (int b = 0; b < nblocks; ++b) s += partial[int64_t(b) * ncells + j];  // fixed order
     p[j] = s;
   }
 }
 
-template <typename S, typename TT>
-void launch_fwd(const SuperposeArgs& a, cudaStream_t st) {
-  const int64_t n = a.R * a.C;
-  if (n == 0) return;
-  fwd_kernel<S, TT><<<num_blocks(n), kThreads, 0, st>>>(
+template <typename S, typename TT, int VEC>
+void launch_fwd_vec(const SuperposeArgs& a, const Plan& pl, cudaStream_t st) {
+  fwd_kernel<S, TT, VEC><<<pl.grid, pl.threads, 0, st>>>(
       static_cast<const S*>(a.w), static_cast<S*>(a.out), static_cast<const TT*>(a.t), a.rowgrp,
-      a.colgrp, a.R, a.C, a.ncg);
+      a.colgrp, a.R, a.C, a.ncg, pl.rt, pl.strips, pl.n_tiles);
   check(cudaGetLastError(), "superpose_forward_cuda");
 }
 
 template <typename S, typename TT>
-void launch_bwd(const SuperposeArgs& a, cudaStream_t st) {
-  const int64_t n = a.R * a.C, ncells = a.nrg * a.ncg;
-  if (ncells > kMaxSharedCells)
-    throw std::invalid_argument("superpose_backward_cuda: too many cells for shared memory");
-  const int nb = num_blocks(n);
-  TT* p = static_cast<TT*>(a.p);
-  if (!a.deterministic) check(cudaMemsetAsync(p, 0, ncells * sizeof(TT), st), "memset P");
-  bwd_kernel<S, TT><<<nb, kThreads, ncells * sizeof(TT), st>>>(
+void launch_fwd(const SuperposeArgs& a, cudaStream_t st) {
+  if (a.R * a.C == 0) return;
+  const Plan pl = make_plan(a, false);
+  constexpr int V = 16 / int(sizeof(S));
+  if (pl.vec == V) launch_fwd_vec<S, TT, V>(a, pl, st);
+  else launch_fwd_vec<S, TT, 1>(a, pl, st);
+}
+
+template <typename S, typename TT, int VEC>
+void launch_bwd_vec(const SuperposeArgs& a, const Plan& pl, cudaStream_t st) {
+  const int64_t ncells = a.nrg * a.ncg;
+  const size_t smem = size_t(pl.threads) * VEC * (sizeof(TT) + sizeof(int));
+  bwd_kernel<S, TT, VEC><<<pl.grid, pl.threads, smem, st>>>(
       static_cast<const S*>(a.w), static_cast<const S*>(a.g), static_cast<S*>(a.out),
-      static_cast<const TT*>(a.t), p, static_cast<TT*>(a.workspace), a.rowgrp, a.colgrp, a.R, a.C,
-      a.ncg, ncells, a.deterministic);
+      static_cast<const TT*>(a.t), static_cast<TT*>(a.p), static_cast<TT*>(a.workspace),
+      a.rowgrp, a.colgrp, a.R, a.C, a.ncg, ncells, pl.rt, pl.strips, pl.n_tiles,
+      a.deterministic);
   check(cudaGetLastError(), "superpose_backward_cuda");
+}
+
+template <typename S, typename TT>
+void launch_bwd(const SuperposeArgs& a, cudaStream_t st) {
+  const int64_t ncells = a.nrg * a.ncg;
+  TT* p = static_cast<TT*>(a.p);
+  if (a.R * a.C == 0) {
+    check(cudaMemsetAsync(p, 0, ncells * sizeof(TT), st), "memset P");
+    return;
+  }
+  const Plan pl = make_plan(a, true);
   if (a.deterministic) {
-    reduce_partials<TT><<<num_blocks(ncells), kThreads, 0, st>>>(
-        static_cast<const TT*>(a.workspace), p, nb, ncells);
+    check(cudaMemsetAsync(a.workspace, 0, size_t(pl.grid) * ncells * sizeof(TT), st),
+          "memset workspace");
+  } else {
+    check(cudaMemsetAsync(p, 0, ncells * sizeof(TT), st), "memset P");
+  }
+  constexpr int V = 16 / int(sizeof(S));
+  if (pl.vec == V) launch_bwd_vec<S, TT, V>(a, pl, st);
+  else launch_bwd_vec<S, TT, 1>(a, pl, st);
+  if (a.deterministic) {
+    int64_t nb = (ncells + 255) / 256;
+    if (nb > 1024) nb = 1024;
+    reduce_partials<TT><<<int(nb), 256, 0, st>>>(static_cast<const TT*>(a.workspace), p, pl.grid,
+                                                  ncells);
     check(cudaGetLastError(), "superpose_backward_cuda reduce");
   }
 }
@@ -150,7 +350,10 @@ void superpose_forward_cuda(const SuperposeArgs& a, uintptr_t stream) {
 
 int64_t superpose_backward_cuda_workspace(const SuperposeArgs& a) {
   const int64_t ncells = a.nrg * a.ncg;
-  return int64_t(num_blocks(a.R * a.C)) * ncells * int64_t(sizeof(double));
+  if (a.R * a.C == 0) return 0;
+  const Plan pl = make_plan(a, true);
+  const int64_t tsize = a.dtype == kF64 ? 8 : 4;
+  return int64_t(pl.grid) * ncells * tsize;
 }
 
 void superpose_backward_cuda(const SuperposeArgs& a, uintptr_t stream) {

@@ -59,19 +59,40 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
             return f"the CUDA extension is not compiled ({why})"
         return None
     if name == "triton":
-        ok, why = _triton_importable()
-        if not ok:
-            return why
-        if device.type == "cpu" and not triton_interpret():
-            return "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
         if device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device}"
+        return _triton_status(device.type == "cpu" and not triton_interpret())
+        return f"unknown backend {name!r}"  # pragma: no cover
+
+
+_TRITON_STATUS: dict[bool, str | None] = {}
+
+
+def _triton_status_impl(cpu_without_interpreter: bool) -> str | None:
+    st = _TRITON_STATUS.get(cpu_without_interpreter, "?")
+    if st != "?":
+        return st
+    ok, why = _triton_importable()
+    if not ok:
+        st = why
+    elif cpu_without_interpreter:
+        st = "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
+    else:
         try:
             get("triton")
+            st = None
         except Exception as e:
-            return f"the triton kernels failed to import ({type(e).__name__}: {e})"
-        return None
-    return f"unknown backend {name!r}"  # pragma: no cover
+            st = f"the triton kernels failed to import ({type(e).__name__}: {e})"
+    _TRITON_STATUS[cpu_without_interpreter] = st
+    return st
+
+
+# Imports happen here: under torch.compile the check runs eagerly at trace time and
+# its result is a constant of the graph (fullgraph tracing cannot follow importlib).
+try:
+    _triton_status = torch._dynamo.assume_constant_result(_triton_status_impl)
+except Exception:  # pragma: no cover - very old/new torch without the helper
+    _triton_status = _triton_status_impl
 
 
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}

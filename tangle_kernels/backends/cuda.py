@@ -1,8 +1,16 @@
 """CUDA backend (csrc/cuda/superpose_cuda.cu) through ``tangle_kernels._C``.
 
-Launches on PyTorch's current stream. ``deterministic`` (default: follows
-``torch.are_deterministic_algorithms_enabled()`` or ``TANGLE_DETERMINISTIC=1``)
-reduces per-block partials in a fixed order instead of using atomics.
+Kernels: row-group-aware tiles (each thread owns 16 bytes of columns for a run of
+rows, so the mask values are loaded once per run), 128-bit vector loads when the
+columns and pointers allow it, a grid sized to the SMs. Launches on PyTorch's
+current stream.
+
+P (per-cell sums of G * W, float32; float64 for float64 weights) has two modes:
+``deterministic`` (per-block partials to a workspace, then a fixed-order reduction
+kernel; bitwise repeatable on a given GPU model) and ``atomic`` (one atomicAdd per
+cell and block run). The default follows :func:`deterministic_mode`:
+``torch.are_deterministic_algorithms_enabled()`` or ``TANGLE_DETERMINISTIC=1``.
+Non-contiguous weights/grads are made contiguous (a copy) before the launch.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from .cpu import DTYPE_CODES
 
 
 def deterministic_mode() -> bool:
+    """True when d mix must be bitwise repeatable on GPU: torch's deterministic
+    algorithms are enabled or ``TANGLE_DETERMINISTIC`` is set to a non-zero value."""
     return torch.are_deterministic_algorithms_enabled() or os.environ.get(
         "TANGLE_DETERMINISTIC", "0"
     ) not in ("", "0")
@@ -30,27 +40,40 @@ def forward(w2d: torch.Tensor, t: torch.Tensor, tabs: dict) -> torch.Tensor:
     t = t.contiguous()
     out = torch.empty_like(w2d)
     R, C = w2d.shape
-    _C.superpose_forward_cuda(
-        DTYPE_CODES[w2d.dtype], R, C, t.shape[0], t.shape[1], w2d.data_ptr(), out.data_ptr(),
-        t.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(), _stream(w2d),
-    )
+    with torch.cuda.device(w2d.device):
+        _C.superpose_forward_cuda(
+            DTYPE_CODES[w2d.dtype], R, C, t.shape[0], t.shape[1], w2d.data_ptr(), out.data_ptr(),
+            t.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(), _stream(w2d),
+        )
     return out
 
 
-def backward(g2d: torch.Tensor, w2d: torch.Tensor, t: torch.Tensor, tabs: dict):
+def backward(g2d: torch.Tensor, w2d: torch.Tensor, t: torch.Tensor, tabs: dict, mode: str | None = None):
+    """``(dW, P)``; ``mode`` is ``"deterministic"``, ``"atomic"`` or None (see module doc)."""
     w2d = w2d.contiguous()
-    g2d = g2d.contiguous()
+    g2d = g2d.to(w2d.dtype).contiguous()
     t = t.contiguous()
     dw = torch.empty_like(w2d)
     p = torch.empty_like(t)
     R, C = w2d.shape
     nrg, ncg = t.shape
-    det = deterministic_mode()
-    nbytes = _C.superpose_backward_cuda_workspace(R, C, nrg, ncg) if det else 0
-    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=w2d.device)
-    _C.superpose_backward_cuda(
-        DTYPE_CODES[w2d.dtype], R, C, nrg, ncg, w2d.data_ptr(), g2d.data_ptr(), dw.data_ptr(),
-        t.data_ptr(), p.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(),
-        ws.data_ptr(), nbytes, int(det), _stream(w2d),
-    )
+    if mode is None:
+        det = deterministic_mode()
+    elif mode in ("deterministic", "atomic"):
+        det = mode == "deterministic"
+    else:
+        raise ValueError(f"mode: expected 'deterministic' or 'atomic', got {mode!r}")
+    code = DTYPE_CODES[w2d.dtype]
+    with torch.cuda.device(w2d.device):
+        nbytes = 0
+        if det:
+            nbytes = _C.superpose_backward_cuda_workspace(
+                code, R, C, nrg, ncg, w2d.data_ptr(), g2d.data_ptr(), dw.data_ptr()
+            )
+        ws = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=w2d.device)
+        _C.superpose_backward_cuda(
+            code, R, C, nrg, ncg, w2d.data_ptr(), g2d.data_ptr(), dw.data_ptr(),
+            t.data_ptr(), p.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(),
+            ws.data_ptr(), nbytes, int(det), _stream(w2d),
+        )
     return dw, p

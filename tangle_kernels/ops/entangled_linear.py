@@ -1,28 +1,149 @@
 """entangled_linear: ``y = x @ W_mix^T + b_mix`` with ``W_mix = superpose(W, mix, layout)``.
 
 The bias is superposed with the projection of the weight's layout on its output
-dimension (dim 0). On CPU this is superpose + ``F.linear`` (the mask costs one
-weight-sized pass, the GEMM dominates).
+dimension (dim 0, :func:`bias_layout`).
+
+Two paths, chosen by ``backend``:
+
+- ``"triton"`` (fused; the automatic choice for CUDA tensors when triton imports):
+  ``tangle::entangled_linear_fwd`` is a Triton GEMM that scales each W tile by the
+  mask ``T[cell]`` while loading it, so ``W_mix`` is never written; its backward
+  ``tangle::entangled_linear_bwd`` computes ``dx = dy @ W_mix`` (mask applied on load
+  again) and ``G = dy^T @ x`` whose epilogue writes ``dW = G * T[cell]`` and reduces
+  ``P[c] = sum_cell G * W`` (d mix = B^T P through the autograd of ``T``), i.e. one
+  GEMM per output plus no extra weight-sized pass. The bias is superposed by
+  ``superpose`` (a vector) and added in the forward epilogue; ``d b_mix = dy.sum(0)``.
+  Supports float32/float16/bfloat16 (float32 only under ``TRITON_INTERPRET=1``);
+  float64 falls back to the unfused path with the automatic choice.
+- any other backend name (``"cpu"``, ``"torch"``, ``"cuda"``, ``"reference"``):
+  ``superpose`` with that backend + ``F.linear`` (cuBLAS / MKL). On CPU this is the
+  automatic choice: the GEMM dominates and the mask costs one weight-sized pass.
+
+Which is faster where: on CPU the unfused path (there is no fused CPU GEMM). On GPU
+the fused path saves writing and re-reading ``W_mix`` (3 weight-sized passes in
+fwd+bwd) and the separate superpose kernels; whether the Triton GEMM matches cuBLAS
+for a shape is measured by the GPU lane (scripts/gpu_lane.sh, benchmarks/results).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from .. import backends
 from ..layout import Layout
 from .superpose import superpose
 
-_BIAS_LAYOUTS: dict = {}
-
-
 def bias_layout(layout: Layout) -> Layout:
-    """The layout of the bias that goes with a ``(out, in)`` weight layout (cached)."""
-    lay = _BIAS_LAYOUTS.get(layout)
+    """The layout of the bias that goes with a ``(out, in)`` weight layout.
+
+    Cached on the layout object itself, so an equal layout built elsewhere (or a
+    layout seen by torch.compile) never misses the cache. Build it before entering a
+    compiled region: building a Layout cannot be traced.
+    """
+    lay = layout.__dict__.get("_bias_layout")
     if lay is None:
         lay = layout.project([0])
-        _BIAS_LAYOUTS[layout] = lay
+        object.__setattr__(layout, "_bias_layout", lay)
     return lay
+
+
+def _triton_linear():
+    from ..backends import triton_linear
+
+    return triton_linear
+
+
+# ------------------------------------------------------------------ custom ops
+@torch.library.custom_op("tangle::entangled_linear_fwd", mutates_args=())
+def entangled_linear_forward(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    rowgrp: torch.Tensor,
+    colgrp: torch.Tensor,
+    bias_mix: torch.Tensor | None,
+) -> torch.Tensor:
+    """Fused ``x2d @ (W * T[cell])^T + bias_mix`` (Triton); x2d ``[M, in]``."""
+    tabs = {"rowgrp": rowgrp, "colgrp": colgrp}
+    return _triton_linear().linear_forward(x2d, weight, t, tabs, bias_mix)
+
+
+@entangled_linear_forward.register_fake
+def _(x2d, weight, t, rowgrp, colgrp, bias_mix):
+    return x2d.new_empty((x2d.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("tangle::entangled_linear_bwd", mutates_args=())
+def entangled_linear_backward(
+    dy: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    rowgrp: torch.Tensor,
+    colgrp: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dW, P)`` of the fused linear (see module docstring)."""
+    tabs = {"rowgrp": rowgrp, "colgrp": colgrp}
+    return _triton_linear().linear_backward(dy, x2d, weight, t, tabs)
+
+
+@entangled_linear_backward.register_fake
+def _(dy, x2d, weight, t, rowgrp, colgrp):
+    return (
+        torch.empty_like(x2d, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(t, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, weight, t, rowgrp, colgrp, bias_mix = inputs
+    ctx.save_for_backward(x2d, weight, t, rowgrp, colgrp)
+    ctx.has_bias = bias_mix is not None
+    ctx.bias_dtype = bias_mix.dtype if bias_mix is not None else None
+
+
+def _backward(ctx, dy):
+    x2d, weight, t, rowgrp, colgrp = ctx.saved_tensors
+    dx, dw, p = entangled_linear_backward(dy, x2d, weight, t, rowgrp, colgrp)
+    db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.has_bias else None
+    return dx, dw, p, None, None, db
+
+
+entangled_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public op
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    dev = weight.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for the fused Triton path. An explicit ``backend="triton"`` (argument or
+    environment) with a dtype it cannot run raises; the automatic choice falls back."""
+    explicit = backend is not None or bool(os.environ.get(backends.ENV_VAR))
+    name = backends.resolve(backend, weight.device)
+    if name != "triton":
+        return False
+    from ..backends import triton_linear
+
+    dt = _compute_dtype(x, weight)
+    why = None
+    if dt not in triton_linear.SUPPORTED:
+        why = f"dtype {dt} (supported: float32, float16, bfloat16)"
+    elif backends.triton_interpret() and weight.device.type == "cpu" and dt != torch.float32:
+        why = f"dtype {dt} under TRITON_INTERPRET=1 (float32 only)"
+    if why is None:
+        return True
+    if explicit:
+        raise TypeError(f"weight: the fused triton linear cannot run {why}")
+    return False
 
 
 def entangled_linear(
@@ -40,7 +161,13 @@ def entangled_linear(
         x: ``[..., in]`` input at the max input width.
         weight: ``[out, in]`` max-size weight; ``layout.shape == weight.shape``.
         bias: ``[out]`` or None.
-        mix: ``[K]`` candidate weights.
+        mix: ``[K]`` candidate weights (gradients flow to it).
+        backend: ``"triton"`` = the fused GEMM (mask applied on load, d mix from the dW
+            GEMM's epilogue); another backend name = ``superpose`` with it + ``F.linear``;
+            None = automatic (fused on CUDA when triton is available, else unfused).
+
+    Under autocast the fused path casts x, W and the bias to the autocast dtype first
+    (as ``F.linear`` would); the mask is still applied in float32.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D [out, in] tensor, got shape {tuple(weight.shape)}")
@@ -48,8 +175,29 @@ def entangled_linear(
         raise ValueError(
             f"x: last dimension {x.shape[-1]} != weight's input features {weight.shape[1]}"
         )
-    w_mix = superpose(weight, mix, layout, backend=backend)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not _use_fused(backend, x, weight):
+        w_mix = superpose(weight, mix, layout, backend=backend)
+        b_mix = None
+        if bias is not None:
+            b_mix = superpose(bias, mix, bias_layout(layout), backend=backend)
+        return F.linear(x, w_mix, b_mix)
+
+    from .superpose import _check_inputs
+
+    _check_inputs(weight, mix, layout)
+    dt = _compute_dtype(x, weight)
+    if dt != weight.dtype:  # autocast
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    elif x.dtype != weight.dtype:
+        raise TypeError(f"x: dtype {x.dtype} != weight dtype {weight.dtype}")
+    t = layout.cell_values(mix, torch.float32)
+    tabs = layout.tables(weight.device)
     b_mix = None
     if bias is not None:
-        b_mix = superpose(bias, mix, bias_layout(layout), backend=backend)
-    return F.linear(x, w_mix, b_mix)
+        b_mix = superpose(bias, mix, bias_layout(layout), backend="triton")
+    x2d = x.reshape(-1, x.shape[-1])
+    y = entangled_linear_forward(x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], b_mix)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

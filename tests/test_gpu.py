@@ -1,0 +1,309 @@
+"""GPU lane: the cuda and triton backends of superpose, and the fused entangled linear,
+against the padded-sum oracle on a real CUDA device (run by scripts/gpu_lane.sh).
+
+Every test is marked ``gpu`` and skipped without CUDA (tests/conftest.py). Under
+``TANGLE_GPU_LANE=1`` a missing CUDA extension is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tangle_kernels as tk
+from tangle_kernels import _ext
+from tangle_kernels.backends.reference import superpose_reference
+
+pytestmark = pytest.mark.gpu
+
+LANE = os.environ.get("TANGLE_GPU_LANE", "0") not in ("", "0")
+DEV = "cuda"
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _backends():
+    out = ["triton"]
+    if _ext.has_cuda_ext():
+        out.append("cuda")
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if LANE and not _ext.has_cuda_ext():
+        pytest.fail(f"GPU lane: the CUDA extension is not built ({_ext._C_ERROR})")
+    yield
+
+
+@pytest.fixture
+def pmode(request, monkeypatch):
+    """Select the P mode through the public switch (TANGLE_DETERMINISTIC)."""
+    monkeypatch.setenv("TANGLE_DETERMINISTIC", "1" if request.param == "deterministic" else "0")
+    return request.param
+
+
+def oracle(weight, mix, layout, grad):
+    """Exact (float64) padded-sum output, dW and d mix of the given (rounded) inputs."""
+    w = weight.detach().double().requires_grad_(True)
+    m = mix.detach().double().requires_grad_(True)
+    out = superpose_reference(w, m, layout)
+    gw, gm = torch.autograd.grad(out, (w, m), grad.double())
+    return out.detach(), gw, gm
+
+
+def dmix_scale(weight, layout, grad):
+    m = torch.ones(layout.K, dtype=torch.float64, device=weight.device, requires_grad=True)
+    out = superpose_reference(weight.detach().double().abs(), m, layout)
+    (s,) = torch.autograd.grad(out, m, grad.detach().double().abs())
+    return s
+
+
+def run(weight, mix, layout, grad, backend):
+    w = weight.detach().clone().requires_grad_(True)
+    m = mix.detach().clone().requires_grad_(True)
+    out = tk.superpose(w, m, layout, backend=backend)
+    gw, gm = torch.autograd.grad(out, (w, m), grad)
+    return out.detach(), gw, gm
+
+
+def check(got, exact, scale, dtype, what):
+    out, gw, gm = got
+    eo, ew, em = exact
+    assert out.dtype == dtype and gw.dtype == dtype, what
+    if dtype in LOW:
+        eps = torch.finfo(dtype).eps
+        for name, a, b in (("out", out, eo), ("dW", gw, ew)):
+            err = (a.double() - b).abs()
+            bad = err > b.abs() * eps + 1e-30
+            assert not bad.any(), f"{what} {name}: {int(bad.sum())} elements off by > 1 ulp"
+        rel = 1e-4
+    else:
+        torch.testing.assert_close(out.double(), eo, rtol=1e-5, atol=1e-6, msg=what + " out")
+        torch.testing.assert_close(gw.double(), ew, rtol=1e-5, atol=1e-6, msg=what + " dW")
+        rel = 1e-5
+    err = (gm.double() - em).abs()
+    tol = rel * scale + 1e-5
+    assert (err <= tol).all(), f"{what} dmix: max err {err.max().item():.3g}, tol {tol.min().item():.3g}"
+
+
+# ------------------------------------------------------------------ layouts
+SIZES = [1, 2, 3, 7, 13, 31, 64, 97, 128, 257]
+
+
+def random_layouts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        rank = int(rng.integers(1, 5))
+        shape = [int(rng.choice(SIZES)) for _ in range(rank)]
+        while int(np.prod(shape)) > 300_000:
+            shape[int(np.argmax(shape))] //= 2
+        k = int(rng.integers(1, 10))
+        boxes = []
+        for _ in range(k):
+            box = []
+            for s in shape:
+                lo = int(rng.integers(0, s))
+                hi = int(rng.integers(lo + 1, s + 1))
+                box.append((lo, hi))
+            boxes.append(box)
+        out.append(tk.Layout(shape, boxes))
+    return out
+
+
+LAYOUTS = random_layouts(50)
+
+
+def inputs(layout, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(layout.shape, generator=g, device=DEV).to(dtype)
+    mix = torch.rand(layout.K, generator=g, device=DEV)
+    grad = torch.randn(layout.shape, generator=g, device=DEV).to(dtype)
+    return w, mix, grad
+
+
+@pytest.mark.parametrize("pmode", ["deterministic", "atomic"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_random_layouts_vs_oracle(dtype, pmode):
+    layouts = LAYOUTS if dtype == torch.float32 else LAYOUTS[:20]
+    for i, lay in enumerate(layouts):
+        w, mix, grad = inputs(lay, dtype, i)
+        exact = oracle(w, mix, lay, grad)
+        scale = dmix_scale(w, lay, grad)
+        for backend in _backends():
+            got = run(w, mix, lay, grad, backend)
+            check(got, exact, scale, dtype, f"{backend} {pmode} {dtype} {lay}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_float64(backend):
+    if backend not in _backends():
+        pytest.skip("CUDA extension not built")
+    for i, lay in enumerate(LAYOUTS[:10]):
+        w, mix, grad = inputs(lay, torch.float64, i)
+        exact = oracle(w, mix.double(), lay, grad)
+        got = run(w, mix.double(), lay, grad, backend)
+        for a, b in zip(got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+BIG = {
+    "gpt2_mlp_3072x768_K9": lambda: tk.Layout.grid(
+        (3072, 768), {"embed": [192, 384, 768], "ratio": [2, 3, 4]},
+        lambda embed, ratio: [(0, embed * ratio), (0, embed)],
+    ),
+    "conv_256x256x7x7_K27": lambda: tk.Layout.conv(
+        (256, 256, 7, 7), [64, 128, 256], [64, 128, 256], [3, 5, 7]
+    ),
+}
+
+
+@pytest.mark.parametrize("pmode", ["deterministic", "atomic"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(BIG))
+def test_big_shapes(name, dtype, pmode):
+    lay = BIG[name]()
+    w, mix, grad = inputs(lay, dtype, 1)
+    exact = oracle(w, mix, lay, grad)
+    scale = dmix_scale(w, lay, grad)
+    for backend in _backends():
+        got = run(w, mix, lay, grad, backend)
+        check(got, exact, scale, dtype, f"{backend} {pmode} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", list(BIG) + ["odd_97x257x3"])
+def test_deterministic_mode_bitwise(backend, name, monkeypatch):
+    if backend not in _backends():
+        pytest.skip("CUDA extension not built")
+    monkeypatch.setenv("TANGLE_DETERMINISTIC", "1")
+    lay = BIG[name]() if name in BIG else tk.Layout.prefix((97, 257, 3), [[13, 97], [100, 257], None])
+    w, mix, grad = inputs(lay, torch.float32, 2)
+    ref = None
+    for _ in range(5):
+        got = run(w, mix, lay, grad, backend)
+        if ref is None:
+            ref = got
+        else:
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_direct_modes_and_noncontiguous(backend):
+    """Both P modes through the backend module; strided and unaligned inputs."""
+    if backend not in _backends():
+        pytest.skip("CUDA extension not built")
+    from tangle_kernels import backends
+
+    mod = backends.get(backend)
+    lay = tk.Layout.prefix((130, 67), [[30, 130], [17, 40, 67]])
+    tabs = lay.tables(DEV)
+    mix = torch.rand(lay.K, device=DEV)
+    t = lay.cell_values(mix)
+    base_w = torch.randn(67, 131, device=DEV)
+    base_g = torch.randn(67, 131, device=DEV)
+    w = base_w[:, 1:].t()  # non-contiguous and not 16-byte aligned
+    g = base_g[:, 1:].t()
+    M = lay.mask(mix)
+    for mode in ("deterministic", "atomic"):
+        dw, p = mod.backward(g, w, t, dict(tabs), mode=mode)
+        torch.testing.assert_close(dw, g * M)
+        P = torch.zeros(lay.nrg, lay.ncg, device=DEV, dtype=torch.float64)
+        rg = tabs["rowgrp"].long()
+        cg = tabs["colgrp"].long()
+        P.index_put_((rg[:, None].expand(-1, 67), cg[None, :].expand(130, -1)), (g * w).double(), accumulate=True)
+        torch.testing.assert_close(p.double(), P, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mod.forward(w, t, dict(tabs)), w * M)
+
+
+# -------------------------------------------------------------- fused linear
+def _linear_oracle(x, w, b, mix, lay):
+    from tangle_kernels.ops.entangled_linear import bias_layout
+
+    xs = [t.detach().double().requires_grad_(True) for t in (x, w, b, mix)]
+    y = F.linear(xs[0], superpose_reference(xs[1], xs[3], lay), superpose_reference(xs[2], xs[3], bias_layout(lay)))
+    return y, xs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(512, 768, 3072), (77, 130, 333)])
+def test_fused_linear_vs_oracle(shape, dtype):
+    from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
+
+    n, fin, fout = shape
+    lay = tk.Layout.grid(
+        (fout, fin), {"e": [fin // 4, fin // 2, fin], "r": [1, 2, 4]},
+        lambda e, r: [(0, min(fout, e * r)), (0, e)],
+    )
+    x = torch.randn(n, fin, device=DEV).to(dtype)
+    w = (torch.randn(fout, fin, device=DEV) / fin**0.5).to(dtype)
+    b = torch.randn(fout, device=DEV).to(dtype)
+    mix = torch.softmax(torch.randn(lay.K, device=DEV), 0)
+    dy = torch.randn(n, fout, device=DEV).to(dtype)
+    y_ref, xs = _linear_oracle(x, w, b, mix, lay)
+    grads_ref = torch.autograd.grad(y_ref, xs, dy.double())
+    ts = [t.detach().clone().requires_grad_(True) for t in (x, w, b, mix)]
+    y = entangled_linear(ts[0], ts[1], ts[2], ts[3], lay, backend="triton")
+    grads = torch.autograd.grad(y, ts, dy)
+    # Plain F.linear on the materialised W_mix in the same dtype: our error must be
+    # comparable to PyTorch's own (cuBLAS) error against the float64 oracle.
+    ps = [t.detach().clone().requires_grad_(True) for t in (x, w, b, mix)]
+    y_pt = F.linear(ps[0], tk.superpose(ps[1], ps[3], lay, backend="torch"),
+                    tk.superpose(ps[2], ps[3], bias_layout(lay), backend="torch"))
+    grads_pt = torch.autograd.grad(y_pt, ps, dy)
+    names = ("y", "dx", "dW", "db", "dmix")
+    for name, a, r, p in zip(names, (y, *grads), (y_ref, *grads_ref), (y_pt, *grads_pt)):
+        err = (a.double() - r).abs().max().item()
+        err_pt = (p.double() - r).abs().max().item()
+        scale = r.abs().max().item() + 1e-6
+        assert err <= 4 * err_pt + 1e-5 * scale, f"{name} {dtype} {shape}: ours {err:.3g} vs torch {err_pt:.3g}"
+
+
+# ------------------------------------------------------------ torch.compile
+def test_torch_compile_gpu():
+    lay = tk.Layout.grid((96, 64), {"e": [16, 32, 64], "r": [1, 2]}, lambda e, r: [(0, min(96, 48 * r)), (0, e)])
+    w = torch.randn(lay.shape, device=DEV, requires_grad=True)
+    alpha = torch.randn(lay.K, device=DEV, requires_grad=True)
+    x = torch.randn(8, 64, device=DEV)
+
+    def f(x, w, alpha):
+        return (x @ tk.superpose(w, torch.softmax(alpha, 0), lay).t()).square().sum()
+
+    cf = torch.compile(f, fullgraph=True)
+    got = cf(x, w, alpha)
+    gw, ga = torch.autograd.grad(got, (w, alpha))
+    ref = (x @ superpose_reference(w, torch.softmax(alpha, 0), lay).t()).square().sum()
+    rw, ra = torch.autograd.grad(ref, (w, alpha))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-3)
+
+
+def test_torch_compile_fused_linear_gpu():
+    from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
+
+    lay = tk.Layout.prefix((96, 64), [[48, 96], [32, 64]])
+    bias_layout(lay)  # built outside the compiled region, as EntangledLinear does
+    w = torch.randn(lay.shape, device=DEV, requires_grad=True)
+    b = torch.randn(96, device=DEV, requires_grad=True)
+    alpha = torch.randn(lay.K, device=DEV, requires_grad=True)
+    x = torch.randn(8, 64, device=DEV)
+
+    def f(x, w, b, alpha):
+        return entangled_linear(x, w, b, torch.softmax(alpha, 0), lay, backend="triton").square().sum()
+
+    cf = torch.compile(f, fullgraph=True)
+    got = cf(x, w, b, alpha)
+    g1 = torch.autograd.grad(got, (w, b, alpha))
+    ref = f(x, w, b, alpha)
+    g2 = torch.autograd.grad(ref, (w, b, alpha))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+    for a, r in zip(g1, g2):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)

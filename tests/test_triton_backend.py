@@ -1,0 +1,239 @@
+"""The triton backend of superpose (and the fused entangled linear) against the
+padded-sum oracle.
+
+CPU lane: runs under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) on tiny
+shapes. GPU lane (``TANGLE_GPU_LANE=1`` with a CUDA device): the same tests run on
+the GPU. Mirrors tangle_kernels/backends/triton_superpose.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tangle_kernels as tk
+from tangle_kernels import backends
+from tangle_kernels.backends.reference import superpose_reference
+
+LANE = os.environ.get("TANGLE_GPU_LANE", "0") not in ("", "0")
+DEV = "cuda" if LANE and torch.cuda.is_available() else "cpu"
+
+_why = backends.why_unavailable("triton", torch.device(DEV))
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"triton backend unavailable: {_why}")
+
+
+def oracle(w, mix, layout, grad):
+    wr = w.detach().clone().requires_grad_(True)
+    mr = mix.detach().clone().requires_grad_(True)
+    out = superpose_reference(wr, mr, layout)
+    return (out.detach(), *torch.autograd.grad(out, (wr, mr), grad))
+
+
+def ours(w, mix, layout, grad, backend="triton"):
+    wr = w.detach().clone().requires_grad_(True)
+    mr = mix.detach().clone().requires_grad_(True)
+    out = tk.superpose(wr, mr, layout, backend=backend)
+    return (out.detach(), *torch.autograd.grad(out, (wr, mr), grad))
+
+
+SIZES = [1, 2, 3, 5, 7, 11, 13, 16, 17]
+
+
+def random_layouts(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        rank = int(rng.integers(1, 5))
+        shape = [int(rng.choice(SIZES)) for _ in range(rank)]
+        while int(np.prod(shape)) > 2000:
+            shape[int(np.argmax(shape))] //= 2
+        k = int(rng.integers(1, 7))
+        boxes = []
+        for _ in range(k):
+            box = []
+            for s in shape:
+                lo = int(rng.integers(0, s))
+                box.append((lo, int(rng.integers(lo + 1, s + 1))))
+            boxes.append(box)
+        out.append(tk.Layout(shape, boxes))
+    return out
+
+
+FIXED = [
+    tk.Layout.grid((12, 7), {"e": [2, 4, 7], "r": [1, 2]}, lambda e, r: [(0, min(12, e * r)), (0, e)]),
+    tk.Layout.conv((4, 3, 5, 5), [2, 4], [1, 3], [1, 3, 5]),
+    tk.Layout.segmented((9, 3), 0, 3, [1, 3], tie=[1]),
+    tk.Layout.prefix((7,), [[1, 4, 7]]),
+    tk.Layout((1, 1, 1), [((0, 1), (0, 1), (0, 1))]),  # K = 1, size-1 dims
+    tk.Layout.prefix((1, 13), [[1], [5, 13]]),
+    tk.Layout.conv((3, 2, 7, 7), [3], [2], [3, 5, 7]),  # many column groups
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_and_named_layouts_vs_oracle(dtype):
+    layouts = FIXED + random_layouts(24 if dtype == torch.float32 else 8, seed=int(dtype.itemsize))
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    g = torch.Generator().manual_seed(0)
+    for lay in layouts:
+        w = torch.randn(lay.shape, generator=g, dtype=dtype).to(DEV)
+        mix = torch.randn(lay.K, generator=g, dtype=dtype).to(DEV)
+        grad = torch.randn(lay.shape, generator=g, dtype=dtype).to(DEV)
+        for name, a, b in zip(("out", "dW", "dmix"), ours(w, mix, lay, grad), oracle(w, mix, lay, grad)):
+            assert a.dtype == b.dtype, name
+            torch.testing.assert_close(
+                a, b, rtol=tol, atol=tol * max(1, lay.cols), msg=f"{name} {dtype} {lay}"
+            )
+
+
+def test_float16():
+    lay = tk.Layout.grid((24, 20), {"e": [5, 10, 20], "r": [1, 2]}, lambda e, r: [(0, min(24, e * r + 4)), (0, e)])
+    w = torch.randn(lay.shape, dtype=torch.float64)
+    g = torch.randn(lay.shape, dtype=torch.float64)
+    mix = torch.rand(lay.K, dtype=torch.float64)
+    wh, gh = w.half(), g.half()
+    exact = oracle(wh.double(), mix.float().double(), lay, gh.double())
+    got = ours(wh.to(DEV), mix.float().to(DEV), lay, gh.to(DEV))
+    assert got[0].dtype == torch.float16 and got[2].dtype == torch.float32
+    eps = torch.finfo(torch.float16).eps
+    for i in (0, 1):  # one rounding of the exact product
+        err = (got[i].cpu().double() - exact[i]).abs()
+        assert (err <= exact[i].abs() * eps + 1e-30).all()
+    torch.testing.assert_close(got[2].cpu().double(), exact[2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="interpreter-only refusal")
+def test_bfloat16_refused_in_interpreter():
+    lay = tk.Layout.prefix((4, 4), [[2, 4], None])
+    with pytest.raises(TypeError, match="bfloat16 is not supported under TRITON_INTERPRET"):
+        tk.superpose(torch.randn(4, 4, dtype=torch.bfloat16), torch.rand(2), lay, backend="triton")
+
+
+def test_gradcheck_float64():
+    lay = tk.Layout.grid((5, 4), {"e": [2, 4], "r": [1, 2]}, lambda e, r: [(0, min(5, 2 * r + 1)), (0, e)])
+    w = torch.randn(lay.shape, dtype=torch.float64, device=DEV, requires_grad=True)
+    mix = torch.randn(lay.K, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, m: tk.superpose(w, m, lay, backend="triton"), (w, mix))
+
+
+def test_both_p_modes_and_noncontiguous():
+    from tangle_kernels.backends import torch_backend, triton_superpose
+
+    lay = tk.Layout.conv((6, 5, 7, 7), [3, 6], [2, 5], [3, 5, 7])
+    tabs = lay.tables(DEV)
+    t = lay.cell_values(torch.rand(lay.K, device=DEV))
+    w = torch.randn(lay.cols, lay.rows, device=DEV).t()  # non-contiguous [R, C] view
+    g = torch.randn(lay.cols, lay.rows, device=DEV).t()
+    ref_dw, ref_p = torch_backend.backward(g, w, t, dict(tabs))
+    for mode in ("deterministic", "atomic"):
+        dw, p = triton_superpose.backward(g, w, t, dict(tabs), mode=mode)
+        torch.testing.assert_close(dw, ref_dw)
+        torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_superpose.forward(w, t, dict(tabs)), torch_backend.forward(w, t, dict(tabs)))
+    with pytest.raises(ValueError, match="mode: expected"):
+        triton_superpose.backward(g, w, t, dict(tabs), mode="fast")
+
+
+def test_dmix_deterministic():
+    lay = tk.Layout.conv((8, 6, 7, 7), [4, 8], [3, 6], [3, 5, 7])
+    w = torch.randn(lay.shape, device=DEV)
+    mix = torch.rand(lay.K, device=DEV)
+    grad = torch.randn(lay.shape, device=DEV)
+    first = ours(w, mix, lay, grad)
+    for _ in range(2):
+        again = ours(w, mix, lay, grad)
+        for a, b in zip(again, first):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------- fused linear
+def _linear_oracle(x, w, b, mix, lay):
+    import torch.nn.functional as F
+
+    from tangle_kernels.ops.entangled_linear import bias_layout
+
+    rs = [t.detach().double().requires_grad_(True) for t in (x, w, b, mix)]
+    y = F.linear(rs[0], superpose_reference(rs[1], rs[3], lay), superpose_reference(rs[2], rs[3], bias_layout(lay)))
+    return y, rs
+
+
+LINEAR_LAYOUTS = [
+    tk.Layout.grid((37, 23), {"e": [5, 11, 23], "r": [1, 2]}, lambda e, r: [(0, min(37, e * r + 3)), (0, e)]),
+    tk.Layout.segmented((18, 7), 0, 3, [2, 6], tie=[1]),  # q|k|v blocks
+    tk.Layout.prefix((1, 1), [[1], [1]]),  # size-1, K = 1
+]
+
+
+@pytest.mark.parametrize("lay", LINEAR_LAYOUTS, ids=["grid", "qkv", "1x1"])
+def test_fused_linear_vs_oracle(lay):
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    out_f, in_f = lay.shape
+    x = torch.randn(2, 5, in_f, device=DEV)
+    w = torch.randn(lay.shape, device=DEV)
+    b = torch.randn(out_f, device=DEV)
+    mix = torch.randn(lay.K, device=DEV)
+    dy = torch.randn(2, 5, out_f, device=DEV)
+    ts = [t.clone().requires_grad_(True) for t in (x, w, b, mix)]
+    y = entangled_linear(*ts, lay, backend="triton")
+    got = (y, *torch.autograd.grad(y, ts, dy))
+    y_ref, rs = _linear_oracle(x, w, b, mix, lay)
+    ref = (y_ref, *torch.autograd.grad(y_ref, rs, dy.double()))
+    for name, a, r in zip(("y", "dx", "dW", "dbias", "dmix"), got, ref):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=f"{name} {lay}")
+
+
+def test_fused_linear_p_modes_deterministic_and_no_bias():
+    from tangle_kernels.backends import triton_linear
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    lay = LINEAR_LAYOUTS[0]
+    tabs = lay.tables(DEV)
+    x = torch.randn(19, 23, device=DEV)
+    w = torch.randn(lay.shape, device=DEV)
+    dy = torch.randn(19, 37, device=DEV)
+    t = lay.cell_values(torch.rand(lay.K, device=DEV))
+    res = {m: triton_linear.linear_backward(dy, x, w, t, dict(tabs), mode=m) for m in ("deterministic", "atomic")}
+    again = triton_linear.linear_backward(dy, x, w, t, dict(tabs), mode="deterministic")
+    for a, b in zip(again, res["deterministic"]):
+        assert torch.equal(a, b)
+    Mx = t.index_select(0, tabs["rowgrp"].long()).index_select(1, tabs["colgrp"].long())
+    G = dy.double().t() @ x.double()
+    for m, (dx, dw, p) in res.items():
+        torch.testing.assert_close(dx.double(), dy.double() @ (w.double() * Mx.double()), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dw.double(), G * Mx.double(), rtol=1e-4, atol=1e-4)
+        P = torch.zeros(lay.nrg, lay.ncg, dtype=torch.float64, device=DEV)
+        P.index_put_((tabs["rowgrp"].long()[:, None].expand(-1, 23), tabs["colgrp"].long()[None, :].expand(37, -1)),
+                     G * w.double(), accumulate=True)
+        torch.testing.assert_close(p.double(), P, rtol=1e-4, atol=1e-3, msg=m)
+    # no bias, unfused path equals fused path
+    mix = torch.rand(lay.K, device=DEV)
+    y1 = entangled_linear(x, w, None, mix, lay, backend="triton")
+    y2 = entangled_linear(x, w, None, mix, lay, backend="torch")
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="interpreter-only refusal")
+def test_fused_linear_refuses_half_in_interpreter():
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    lay = tk.Layout.prefix((4, 4), [[2, 4], None])
+    x, w = torch.randn(2, 4).half(), torch.randn(4, 4).half()
+    with pytest.raises(TypeError, match="fused triton linear cannot run"):
+        entangled_linear(x, w, None, torch.rand(2), lay, backend="triton")
+
+
+def test_fused_linear_opcheck():
+    lay = tk.Layout.prefix((6, 5), [[3, 6], [2, 5]])
+    tabs = lay.tables(DEV)
+    x = torch.randn(4, 5, device=DEV, requires_grad=True)
+    w = torch.randn(6, 5, device=DEV, requires_grad=True)
+    t = lay.cell_values(torch.rand(lay.K, device=DEV)).detach().requires_grad_(True)
+    b = torch.randn(6, device=DEV, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.tangle.entangled_linear_fwd.default, (x, w, t, tabs["rowgrp"], tabs["colgrp"], b)
+    )
