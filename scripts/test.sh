@@ -7,4 +7,5 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 source "${TANGLE_VENV:-.venv}/bin/activate"
 export TRITON_INTERPRET=1
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec python -m pytest -q -p no:cacheprovider tests "$@"

@@ -9,6 +9,10 @@ import os
 if os.environ.get("TANGLE_GPU_LANE", "0") in ("", "0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning
+# threads made steps 4-8x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import random  # noqa: E402
 
 import numpy as np  # noqa: E402

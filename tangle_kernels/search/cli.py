@@ -1,0 +1,434 @@
+"""``tangle-search`` / ``python -m tangle_kernels.search``: the command line.
+
+Three commands (the first is the default)::
+
+    tangle-search [search] --space nanogpt --optimizer drnas --out runs/nanogpt
+    tangle-search train runs/nanogpt/arch.json --steps 500     # derived arch from scratch
+    tangle-search spaces                                         # list the spaces
+
+Malformed arguments (unknown space, missing or empty data file, a choice value the space
+cannot take, a bad checkpoint) end with one ``tangle-search: error: ...`` line and exit
+status 2, never a traceback (set ``TANGLE_DEBUG=1`` to see one). Ctrl-C writes a
+checkpoint after the current step and exits with status 130; ``--resume`` continues.
+Under ``torchrun --nproc_per_node=N`` the search runs with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "tangle-search"
+
+
+class CLIError(Exception):
+    """An error worth one line on stderr and exit status 2."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default=None,
+        help="text file / dataset path of the space, or 'synthetic' "
+        "(default: the space's default source; nanogpt: the embedded "
+        "sonnets corpus)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:N or auto (default: cpu; under torchrun cuda "
+        "becomes cuda:LOCAL_RANK)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="batch size per process")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the weights")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Weight-entangled NAS: search a space with a gradient-based (or SPOS) "
+        "optimizer, derive the architecture, extract it and evaluate it.",
+        epilog="Other commands: 'tangle-search train ARCH_JSON' trains a derived "
+        "architecture from scratch; 'tangle-search spaces' lists the spaces.",
+    )
+    p.add_argument("--space", default="nanogpt", help="search space (see 'tangle-search spaces')")
+    p.add_argument(
+        "--optimizer",
+        default="drnas",
+        choices=list(SAMPLERS),
+        help="architecture optimizer / sampler (default drnas)",
+    )
+    p.add_argument("--out", default=None, help="output folder (default runs/SPACE-OPTIMIZER)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=None, help="search steps")
+    steps.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="search length in epochs of the train split (instead of --steps)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="steps between checkpoints (0: only at the end and on Ctrl-C)",
+    )
+    p.add_argument(
+        "--choice",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="override the values of one choice (repeatable)",
+    )
+    p.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a fixed hyperparameter of the space (repeatable)",
+    )
+    p.add_argument("--preset", default=None, help="a named preset of the space")
+    p.add_argument("--arch-lr", type=float, default=None, help="Adam learning rate of the alphas")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="weight-only steps before the alphas are trained",
+    )
+    p.add_argument(
+        "--unrolled",
+        action="store_true",
+        help="second-order (unrolled) DARTS update (darts, sparsemax)",
+    )
+    p.add_argument("--tau-max", type=float, default=None, help="GDAS initial temperature")
+    p.add_argument("--tau-min", type=float, default=None, help="GDAS final temperature")
+    p.add_argument(
+        "--spos-search",
+        choices=("evolution", "random"),
+        default=None,
+        help="SPOS: how to select the architecture after training",
+    )
+    p.add_argument(
+        "--spos-budget", type=int, default=None, help="SPOS: number of architectures scored"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="evaluate the current derived architecture every N steps",
+    )
+    p.add_argument(
+        "--eval-batches", type=int, default=None, help="validation batches per evaluation"
+    )
+    p.add_argument(
+        "--retrain-steps",
+        type=int,
+        default=None,
+        help="after the search, train the derived architecture from scratch "
+        "for N steps and report its validation loss (0: skip)",
+    )
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        metavar="FILE",
+        help="tabular benchmark file to look the derived architecture up in",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="sets",
+        help="set any SearchConfig field (e.g. --set weight_decay=0.1)",
+    )
+    _add_common(p)
+    return p
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} train",
+        description="Train the architecture of an arch.json (written by a search) from "
+        "scratch and report its validation metrics.",
+    )
+    p.add_argument("arch_json", help="arch.json of a search")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the search's steps)"
+    )
+    p.add_argument(
+        "--out", default=None, help="where to write scratch.json (default: next to arch.json)"
+    )
+    _add_common(p)
+    return p
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _parse_choices(items: Sequence[str]) -> dict:
+    from ..spaces.base import parse_assignment, parse_value
+
+    out = {}
+    for it in items:
+        name, vals = parse_assignment(it, what="--choice")
+        values = [parse_value(v) for v in vals.split(",") if v.strip()]
+        if not values:
+            raise CLIError(f"--choice {it!r}: no values")
+        out[name] = values
+    return out
+
+
+def _parse_hps(items: Sequence[str], what: str = "--hp") -> dict:
+    from ..spaces.base import parse_assignment, parse_value
+
+    out = {}
+    for it in items:
+        name, val = parse_assignment(it, what=what)
+        out[name] = parse_value(val)
+    return out
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+def _config(space, args, base: dict | None = None):
+    """SearchConfig: defaults <- space.search_defaults <- ``base`` <- flags."""
+    from .engine import SearchConfig
+
+    d = SearchConfig().to_dict()
+    d.update(getattr(space, "search_defaults", {}) or {})
+    if base:
+        d.update(base)
+    flags = {
+        "optimizer": getattr(args, "optimizer", None),
+        "steps": getattr(args, "steps", None),
+        "epochs": getattr(args, "epochs", None),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "checkpoint_every": getattr(args, "checkpoint_every", None),
+        "arch_lr": getattr(args, "arch_lr", None),
+        "warmup_steps": getattr(args, "warmup_steps", None),
+        "tau_max": getattr(args, "tau_max", None),
+        "tau_min": getattr(args, "tau_min", None),
+        "spos_search": getattr(args, "spos_search", None),
+        "spos_budget": getattr(args, "spos_budget", None),
+        "eval_every": getattr(args, "eval_every", None),
+        "eval_batches": getattr(args, "eval_batches", None),
+        "retrain_steps": getattr(args, "retrain_steps", None),
+    }
+    if getattr(args, "unrolled", False):
+        flags["unrolled"] = True
+    d.update({k: v for k, v in flags.items() if v is not None})
+    if flags["steps"] is not None:  # --steps and --epochs exclude each other
+        d["epochs"] = None
+    names = SearchConfig.field_names()
+    for k, v in _parse_hps(getattr(args, "sets", []), what="--set").items():
+        if k not in names:
+            raise CLIError(f"--set {k}: not a search setting (settings: {', '.join(names)})")
+        d[k] = v
+    try:
+        cfg = SearchConfig.from_dict(d)
+    except TypeError as e:
+        raise CLIError(f"bad search settings: {e}") from None
+    cfg.check()
+    return cfg
+
+
+def _fmt_metrics(m: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_search(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from ..spaces import make_space
+    from .engine import Search
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    space = make_space(
+        args.space,
+        choices=_parse_choices(args.choice),
+        hparams=_parse_hps(args.hp),
+        preset=args.preset,
+    )
+    cfg = _config(space, args)
+    if args.benchmark is not None and not os.path.isfile(args.benchmark):
+        raise CLIError(f"--benchmark {args.benchmark}: file not found")
+    data = space.make_data(args.data)
+    out = args.out or os.path.join("runs", f"{space.name}-{cfg.optimizer}")
+    if args.resume and not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise CLIError(
+            f"--resume: no checkpoint in {out} (expected {os.path.join(out, 'checkpoint.pt')})"
+        )
+    meta = {"data_arg": args.data, "preset": args.preset}
+    search = Search(
+        space,
+        data,
+        cfg,
+        out=out,
+        device=device,
+        resume=args.resume,
+        progress=not args.no_progress,
+        meta=meta,
+    )
+    main_rank = search.dist.is_main
+    if main_rank:
+        _say(
+            f"{PROG}: space {space.name} ({space.num_architectures()} architectures: "
+            f"{', '.join(f'{n} {v}' for n, v in space.choices.items())})"
+        )
+        _say(
+            f"{PROG}: data {getattr(data, 'name', args.data)}; optimizer {cfg.optimizer}; "
+            f"{search.total_steps()} steps of batch {cfg.batch_size}"
+            f"{f' x {search.dist.world_size} processes' if search.dist.enabled else ''} on {search.device}; "
+            f"output {out}"
+        )
+    result = search.run()
+    if args.benchmark is not None:
+        result["benchmark"] = space.query_benchmark(result["arch"], args.benchmark)
+        if main_rank:
+            from .engine import _write_json
+
+            _write_json(os.path.join(out, "arch.json"), result)
+    if main_rank:
+        _say("")
+        _say(f"derived architecture: {result['arch_str']}")
+        _say(f"  parameters: {result['params']:,} (supernet {result['params_supernet']:,})")
+        _say(f"  validation (inherited supernet weights): {_fmt_metrics(result['val'])}")
+        if "scratch" in result:
+            s = result["scratch"]
+            _say(
+                f"  validation (trained from scratch, {s['steps']} steps): {_fmt_metrics(s['val'])}"
+            )
+        if "benchmark" in result:
+            _say(f"  benchmark: {_fmt_metrics(result['benchmark'])}")
+        saved = ["arch.json", "metrics.jsonl", "checkpoint.pt"]
+        if result.get("plot"):
+            saved.append("alphas.png")
+        _say(f"  saved in {out}/: {', '.join(saved)}")
+    from .distributed import shutdown
+
+    shutdown(search.dist)
+    return 0
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    args = build_train_parser().parse_args(argv)
+    import torch
+
+    from ..spaces import get_space
+    from .engine import _write_json, train_from_scratch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    if not os.path.isfile(args.arch_json):
+        raise CLIError(f"{args.arch_json}: file not found")
+    try:
+        with open(args.arch_json, encoding="utf-8") as f:
+            rec = json.load(f)
+        name, space_cfg, arch = rec["space"], rec["space_config"], rec["arch"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CLIError(
+            f"{args.arch_json}: not an arch.json written by tangle-search ({e})"
+        ) from None
+    space = get_space(name).from_config(space_cfg)
+    cfg = _config(space, args, base=rec.get("config"))
+    steps = args.steps if args.steps is not None else int(rec.get("steps", cfg.steps))
+    data_arg = args.data if args.data is not None else rec.get("data_arg")
+    data = space.make_data(data_arg)
+    _say(
+        f"{PROG} train: {space.describe(arch)} on {getattr(data, 'name', data_arg)}, {steps} steps"
+    )
+    res = train_from_scratch(
+        space, data, arch, cfg, steps=steps, device=device, progress=not args.no_progress
+    )
+    out = args.out or os.path.dirname(os.path.abspath(args.arch_json))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "scratch.json")
+    _write_json(path, {"space": name, "arch": arch, **res})
+    _say(f"validation (trained from scratch, {steps} steps): {_fmt_metrics(res['val'])}")
+    _say(f"  parameters: {res['params']:,}; written to {path}")
+    return 0
+
+
+def cmd_spaces(argv: Sequence[str]) -> int:
+    from ..spaces import SPACES, space_status
+
+    if argv:
+        raise CLIError(f"spaces: unexpected arguments {' '.join(argv)}")
+    for name, status in space_status().items():
+        target = SPACES[name] if isinstance(SPACES[name], str) else SPACES[name].__name__
+        _say(f"{name:15s} {target:55s} {status}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd, rest = cmd_search, argv
+    if argv and argv[0] in ("search", "train", "spaces"):
+        cmd = {"search": cmd_search, "train": cmd_train, "spaces": cmd_spaces}[argv[0]]
+        rest = argv[1:]
+    from ..data import DataError
+    from ..spaces.base import SpaceError
+    from .checkpoint import CheckpointError
+
+    debug = os.environ.get("TANGLE_DEBUG", "") not in ("", "0")
+    try:
+        return cmd(rest)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except (CLIError, SpaceError, DataError, CheckpointError, ValueError) as e:
+        # SearchError, SpaceError and DataError are ValueErrors; so are the nn modules'
+        # errors for sizes a space cannot build.
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

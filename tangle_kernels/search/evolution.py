@@ -1,0 +1,137 @@
+"""Architecture selection over a trained supernet (the second stage of SPOS).
+
+SPOS trains the supernet with uniformly sampled one-hot architectures and no
+architecture parameters; an architecture is then chosen by scoring candidate selections
+with the supernet's inherited weights (the one-hot fast path) on validation batches:
+
+- :func:`random_search`: ``budget`` distinct uniformly drawn selections, best kept;
+- :func:`evolution`: aging-free regularised evolution as in SPOS: an initial random
+  population, then each generation keeps the ``parents`` best, and fills the population
+  with mutations (each choice re-drawn with probability ``mutate_prob``) and uniform
+  crossovers of parents, until ``budget`` distinct selections have been scored.
+
+``score(selection) -> float`` is lower-is-better (the driver negates accuracies).
+Both functions are deterministic given ``seed`` and never score a selection twice.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["random_search", "evolution", "SelectionCache"]
+
+Selection = dict[str, Any]
+
+
+class SelectionCache:
+    """Scores selections once; ``history`` lists ``(selection, score)`` in scoring order."""
+
+    def __init__(self, score: Callable[[Selection], float]):
+        self._score = score
+        self._seen: dict[tuple, float] = {}
+        self.history: list[tuple[Selection, float]] = []
+
+    @staticmethod
+    def key(sel: Mapping[str, Any]) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in sel.items()))
+
+    def __contains__(self, sel) -> bool:
+        return self.key(sel) in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def __call__(self, sel: Selection) -> float:
+        k = self.key(sel)
+        if k not in self._seen:
+            s = float(self._score(dict(sel)))
+            self._seen[k] = s
+            self.history.append((dict(sel), s))
+        return self._seen[k]
+
+    def best(self) -> tuple[Selection, float]:
+        return min(self.history, key=lambda t: t[1])
+
+
+def _random_selection(choices: Mapping[str, Sequence], rng: random.Random) -> Selection:
+    return {n: rng.choice(list(v)) for n, v in choices.items()}
+
+
+def _check(choices: Mapping[str, Sequence], budget: int) -> int:
+    if budget < 1:
+        raise ValueError(f"budget={budget} must be >= 1")
+    total = math.prod(len(v) for v in choices.values())
+    return min(budget, total)
+
+
+def _fill_random(choices, cache: SelectionCache, rng: random.Random, n: int, limit: int) -> None:
+    tries = 0
+    while len(cache) < limit and n > 0 and tries < 100 * limit + 1000:
+        tries += 1
+        sel = _random_selection(choices, rng)
+        if sel in cache:
+            continue
+        cache(sel)
+        n -= 1
+
+
+def random_search(
+    choices: Mapping[str, Sequence],
+    score: Callable[[Selection], float],
+    *,
+    budget: int = 50,
+    seed: int = 0,
+) -> tuple[Selection, float, list[tuple[Selection, float]]]:
+    """Score ``budget`` distinct random selections; returns (best, its score, history)."""
+    limit = _check(choices, budget)
+    rng = random.Random(seed)
+    cache = SelectionCache(score)
+    _fill_random(choices, cache, rng, limit, limit)
+    best, s = cache.best()
+    return best, s, cache.history
+
+
+def evolution(
+    choices: Mapping[str, Sequence],
+    score: Callable[[Selection], float],
+    *,
+    budget: int = 50,
+    population: int = 10,
+    parents: int | None = None,
+    mutate_prob: float = 0.3,
+    seed: int = 0,
+) -> tuple[Selection, float, list[tuple[Selection, float]]]:
+    """Evolutionary search (SPOS): returns (best selection, its score, history)."""
+    limit = _check(choices, budget)
+    population = max(2, min(population, limit))
+    parents = max(1, min(parents or max(1, population // 2), population))
+    rng = random.Random(seed)
+    cache = SelectionCache(score)
+    _fill_random(choices, cache, rng, population, limit)
+    stall = 0
+    while len(cache) < limit and stall < 50:
+        ranked = sorted(cache.history, key=lambda t: t[1])[:parents]
+        pool = [s for s, _ in ranked]
+        before = len(cache)
+        for _ in range(population):
+            if len(cache) >= limit:
+                break
+            if len(pool) > 1 and rng.random() < 0.5:
+                a, b = rng.sample(pool, 2)
+                child = {n: (a[n] if rng.random() < 0.5 else b[n]) for n in choices}
+            else:
+                p = rng.choice(pool)
+                child = {
+                    n: (rng.choice(list(v)) if rng.random() < mutate_prob else p[n])
+                    for n, v in choices.items()
+                }
+            if child not in cache:
+                cache(child)
+        stall = stall + 1 if len(cache) == before else 0
+        if stall >= 3:  # the neighbourhood is exhausted: inject random selections
+            _fill_random(choices, cache, rng, population, limit)
+    best, s = cache.best()
+    return best, s, cache.history

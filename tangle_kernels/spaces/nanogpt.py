@@ -1,0 +1,229 @@
+"""The nanoGPT search space of TangleNAS: a character-level GPT whose embedding width,
+number of heads, MLP ratio and number of layers are choices.
+
+Supernet (all widths at their max, sub-widths zero-padded; built from
+``tangle_kernels.nn`` modules only)::
+
+    x = wte(idx, embed) + wpe(pos, embed)                  EntangledEmbedding x 2
+    x = DepthMixer([Block] * max(layers), "layers")(x)     depth mixing
+    Block: x = x + attn(ln1(x))                            EntangledLayerNorm, EntangledAttention
+           x = x + proj(gelu(fc(ln2(x))))                  (nanoGPT mode: heads partition
+                                                            the width, head dim = embed/heads)
+           fc: embed -> embed * mlp_ratio                  EntangledLinear, K = 3 x 3 for
+           proj: embed * mlp_ratio -> embed                the default choices
+    logits = lm_head(ln_f(x))                              vocab = the corpus' characters
+
+The choices are global (one embedding width, head count and MLP ratio shared by every
+layer). The default sizes are small so that the README's CPU search finishes in a few
+minutes; preset ``paper`` has the TangleNAS GPT values (embed 384/576/768, heads
+6/8/12, MLP ratio 2/3/4, layers 10/11/12, context 256) for GPU runs.
+
+Data (``--data``): nothing (the embedded Sonnets corpus, :mod:`tangle_kernels.data`), a
+path to any text file (char-level; first 90% train, the rest validation), or
+``synthetic`` (a Markov-chain token stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import nn as tnn
+from ..data import CharCorpus, DataError, MarkovText
+from .base import SearchSpace, SpaceError
+
+__all__ = ["NanoGPTSpace", "TextSource", "GPTBlock", "GPTSupernet"]
+
+
+class TextSource:
+    """A :class:`~tangle_kernels.spaces.base.DataSource` over a character corpus: batches
+    of ``block_size`` windows (inputs) and the next characters (targets)."""
+
+    def __init__(self, corpus: CharCorpus, block_size: int):
+        corpus.check_block_size(block_size)
+        self.corpus = corpus
+        self.block_size = block_size
+        self.name = corpus.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.corpus.vocab_size
+
+    def batch(self, split, batch_size, generator=None, device="cpu"):
+        if split not in self.corpus.splits:
+            raise ValueError(f"split {split!r}: expected 'train' or 'val'")
+        return self.corpus.batch(split, batch_size, self.block_size, generator, device)
+
+    def split_size(self, split: str) -> int:
+        """Non-overlapping windows in ``split`` (an epoch = this many sequences)."""
+        return max(1, len(self.corpus.splits[split]) // self.block_size)
+
+
+class GPTBlock(nn.Module):
+    """Pre-LayerNorm transformer block with entangled widths (see the module docstring)."""
+
+    def __init__(self, choices: Mapping[str, list], *, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.ln1 = tnn.EntangledLayerNorm("embed", choices, bias=bias)
+        self.attn = tnn.EntangledAttention(
+            "embed", "heads", choices, causal=True, dropout=dropout, bias=bias
+        )
+        self.ln2 = tnn.EntangledLayerNorm("embed", choices, bias=bias)
+        self.fc = tnn.EntangledLinear("embed", ("embed", "mlp_ratio"), choices, bias=bias)
+        self.proj = tnn.EntangledLinear(("embed", "mlp_ratio"), "embed", choices, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, arch=None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x, arch), arch)
+        return x + self.drop(self.proj(F.gelu(self.fc(self.ln2(x, arch), arch)), arch))
+
+
+class GPTSupernet(nn.Module):
+    """``idx [B, T] (int64) -> logits [B, T, vocab]`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        choices: Mapping[str, list],
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = tnn.EntangledEmbedding(vocab_size, "embed", choices)
+        self.wpe = tnn.EntangledEmbedding(block_size, "embed", choices)
+        self.drop = nn.Dropout(dropout)
+        n = max(choices["layers"])
+        blocks = [GPTBlock(choices, dropout=dropout, bias=bias) for _ in range(n)]
+        self.blocks = tnn.DepthMixer(blocks, "layers", choices)
+        self.ln_f = tnn.EntangledLayerNorm("embed", choices, bias=bias)
+        self.lm_head = tnn.EntangledLinear("embed", vocab_size, choices, bias=False)
+        self.apply(self._init)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * layers)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * n) ** 0.5)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (tnn.EntangledLinear, nn.Linear)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (tnn.EntangledEmbedding, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, arch=None) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} > block_size {self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx, arch) + self.wpe(pos, arch))
+        x = self.blocks(x, arch)
+        return self.lm_head(self.ln_f(x, arch), arch)
+
+
+class NanoGPTSpace(SearchSpace):
+    """Char-level GPT: choices ``embed``, ``heads``, ``mlp_ratio``, ``layers``."""
+
+    name = "nanogpt"
+    description = "character-level GPT (embedding width, heads, MLP ratio, layers)"
+    default_choices = {
+        "embed": [32, 48, 64],
+        "heads": [2, 4],
+        "mlp_ratio": [2, 3, 4],
+        "layers": [1, 2, 3],
+    }
+    default_hparams = {
+        "block_size": 64,
+        "dropout": 0.0,
+        "bias": True,
+        "train_fraction": 0.9,
+        "synthetic_vocab": 32,
+    }
+    presets = {
+        "tiny": {  # unit tests
+            "choices": {"embed": [16, 24], "heads": [2, 4], "mlp_ratio": [2, 4], "layers": [1, 2]},
+            "hparams": {"block_size": 32},
+        },
+        "paper": {  # TangleNAS GPT space (GPU)
+            "choices": {
+                "embed": [384, 576, 768],
+                "heads": [6, 8, 12],
+                "mlp_ratio": [2, 3, 4],
+                "layers": [10, 11, 12],
+            },
+            "hparams": {"block_size": 256, "dropout": 0.2},
+        },
+    }
+    metric = "loss"
+    minimize = True
+    search_defaults = {
+        "steps": 400,
+        "batch_size": 32,
+        "w_optimizer": "adamw",
+        "lr": 3e-3,
+        "lr_min": 3e-4,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "arch_lr": 3e-3,
+        "arch_weight_decay": 1e-3,
+        "eval_batches": 16,
+        "checkpoint_every": 100,
+    }
+
+    def check(self) -> None:
+        ch, hp = self.choices, self.hparams
+        for n in ("embed", "heads", "mlp_ratio", "layers"):
+            bad = [v for v in ch[n] if v < 1]
+            if bad:
+                raise SpaceError(f"choice {n}: values must be positive integers, got {bad}")
+        for e in ch["embed"]:
+            bad = [h for h in ch["heads"] if e % h]
+            if bad:
+                raise SpaceError(
+                    f"choice heads={bad[0]} does not divide embed={e}: in the nanoGPT space "
+                    f"the heads partition the embedding width (head dim = embed / heads); "
+                    f"use head counts that divide every embed value {ch['embed']}"
+                )
+        if hp["block_size"] < 1:
+            raise SpaceError(f"hparam block_size={hp['block_size']}: must be >= 1")
+        if not 0.0 <= hp["dropout"] < 1.0:
+            raise SpaceError(f"hparam dropout={hp['dropout']}: must be in [0, 1)")
+        if not 0.0 < hp["train_fraction"] < 1.0:
+            raise SpaceError(f"hparam train_fraction={hp['train_fraction']}: must be in (0, 1)")
+
+    # ---------------------------------------------------------------- data
+    def make_data(self, source: str | None) -> TextSource:
+        hp = self.hparams
+        try:
+            if source == "synthetic":
+                corpus: CharCorpus = MarkovText(
+                    hp["synthetic_vocab"], train_fraction=hp["train_fraction"]
+                )
+            else:
+                corpus = CharCorpus.from_source(source, train_fraction=hp["train_fraction"])
+            return TextSource(corpus, hp["block_size"])
+        except DataError as e:
+            raise DataError(f"--data: {e}") from None
+
+    # --------------------------------------------------------------- model
+    def build_supernet(self, data: TextSource) -> GPTSupernet:
+        hp = self.hparams
+        return GPTSupernet(
+            data.vocab_size, hp["block_size"], self.choices, dropout=hp["dropout"], bias=hp["bias"]
+        )
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def describe(self, selection: Mapping[str, Any]) -> str:
+        return " ".join(f"{n}={selection[n]}" for n in self.choices)

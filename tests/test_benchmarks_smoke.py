@@ -1,0 +1,184 @@
+"""Smoke test of the benchmark suites (benchmarks/): every provider of every suite runs
+once on a tiny shape, the records have the documented schema, the memory measure sees
+torch's allocations, the derived ratios are right, and the README section is replaced
+between its markers only. Timings here are meaningless (one call, tiny shapes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, memory, providers, run, shapes  # noqa: E402
+
+ST = harness.Settings(device="cpu", profile="smoke", target_s=0.0, min_rounds=1, max_rounds=1)
+STATUS_OK_OR_UNAVAILABLE = ("ok", "unavailable (")
+
+
+def _check_schema(rec: dict) -> None:
+    for k in harness.RECORD_KEYS:
+        assert k in rec, f"record lacks {k!r}: {rec}"
+    assert rec["suite"] in harness.SUITES
+    assert isinstance(rec["status"], str)
+    if rec["status"] == "ok":
+        assert isinstance(rec["median_s"], float) and rec["median_s"] > 0
+        assert isinstance(rec["peak_bytes"], int) and rec["peak_bytes"] >= 0
+    json.loads(json.dumps(rec, default=str))
+
+
+def _ok(rec: dict) -> dict:
+    _check_schema(rec)
+    assert rec["status"] == "ok", rec["status"] + rec.get("traceback", "")
+    return rec
+
+
+def test_shapes_registry():
+    assert shapes.OPS["gpt2_mlp_up"].K == 9 and shapes.OPS["gpt2_mlp_up"].shape == (3072, 768)
+    assert shapes.OPS["conv_256_k27"].K == 27
+    assert shapes.OPS["mbv3_dw7"].shape == (960, 1, 7, 7)
+    for K in shapes.SWEEP_KS:
+        assert shapes.sweep_layout((3072, 768), K).K == K
+    for dev in ("cpu", "cuda"):
+        for prof in shapes.PROFILES:
+            assert shapes.op_cases(dev, prof) and shapes.layer_cases(dev, prof)
+            assert shapes.supernet_cases(dev, prof)
+    with pytest.raises(ValueError, match="profile"):
+        shapes.op_cases("cpu", "huge")
+
+
+def test_memory_sees_torch_allocations():
+    n = 1 << 18  # 1 MiB of float32
+
+    def fn():
+        a = torch.ones(n)
+        b = torch.ones(n)  # peak: a and b live
+        del a
+        c = torch.ones(n // 2)
+        return b, c
+
+    peak = memory.peak_extra_bytes(fn, "cpu")
+    assert 2 * 4 * n <= peak < 2 * 4 * n + 4096
+
+
+@pytest.mark.parametrize("case", ["tiny_mlp", "tiny_conv"])
+def test_superpose_providers(case):
+    recs = {}
+    for prov in providers.op_providers("cpu"):
+        if prov == "compiled-reference":
+            continue  # compiled once below (a compilation costs ~10 s)
+        for mode in providers.MODES:
+            if prov == "copy" and mode != "fwd":
+                continue
+            rec = harness.run_op(case, prov, mode, ST)
+            _check_schema(rec)
+            if prov == "ours[triton]":
+                assert rec["status"].startswith("unavailable ("), rec["status"]
+                continue
+            _ok(rec)
+            recs[(prov, mode)] = rec
+            if mode == "fwd" and prov != "copy":
+                assert rec["max_rel_err"] <= 1e-5
+    # K temporaries of the padded-sum vs one weight-sized output (deterministic byte counts)
+    assert recs[("ours[cpu]", "fwd+bwd")]["peak_bytes"] < recs[("reference", "fwd+bwd")]["peak_bytes"]
+    run.derive(list(recs.values()))
+    assert recs[("ours[cpu]", "fwd")]["bw_vs_copy"] > 0
+
+
+def test_compiled_reference_once():
+    rec = _ok(harness.run_op("tiny_mlp", "compiled-reference", "fwd+bwd", ST))
+    assert rec["first_call_s"] >= rec["median_s"]
+
+
+@pytest.mark.parametrize("case", ["linear_tiny", "conv_tiny", "attn_tiny"])
+def test_layer_providers(case):
+    for prov in ("ours[cpu]", "ours[torch]", "reference", "masksum", "plain"):
+        rec = _ok(harness.run_layer(case, prov, "fwd", ST))
+        if prov != "plain":
+            assert rec["max_rel_err"] <= 1e-4
+    _ok(harness.run_layer(case, "ours[cpu]", "fwd+bwd", ST))
+
+
+def test_sweep_records():
+    recs = [_ok(harness.run_sweep(K, p, ST)) for K in (1, 9) for p in ("ours[cpu]", "reference")]
+    by = {(r["K"], r["provider"]): r for r in recs}
+    assert by[(9, "reference")]["peak_bytes"] > by[(1, "reference")]["peak_bytes"]
+
+
+def test_supernet_step_or_unavailable():
+    for case in shapes.supernet_cases("cpu", "smoke"):
+        rec = harness.run_supernet(case.name, "ours[cpu]", ST)
+        _check_schema(rec)
+        if rec["status"].startswith("unavailable ("):
+            assert "space" in rec["status"] or "spaces" in rec["status"]
+            continue
+        _ok(rec)
+        assert rec["items"] > 0
+
+
+def test_derive_targets_markdown():
+    def rec(prov, t, peak, mode="fwd+bwd", case="gpt2_mlp_up", suite="superpose", **kw):
+        r = harness.base_record(suite, case, prov, mode, (3072, 768), 9, "float32", "cpu", **kw)
+        r.update(median_s=t, peak_bytes=peak, bytes=5 * 4 * 3072 * 768)
+        return r
+
+    recs = [rec("ours[cpu]", 0.01, 100), rec("reference", 0.1, 1000), rec("compiled-reference", 0.02, 500),
+            rec("copy", 0.001, 0, mode="fwd"), rec("ours[torch]", 0.05, 0, status="unavailable (x)")]
+    recs[3]["bytes"] = 2 * 4 * 3072 * 768
+    run.derive(recs)
+    ours = recs[0]
+    assert ours["speedup_vs_reference"] == pytest.approx(10.0)
+    assert ours["speedup_vs_compiled_reference"] == pytest.approx(2.0)
+    assert ours["mem_vs_reference"] == pytest.approx(0.1)
+    copy_bw = recs[3]["bytes"] / 0.001
+    assert ours["bw_vs_copy"] == pytest.approx(ours["bytes"] / 0.01 / copy_bw)
+    assert ours["time_vs_copy_floor"] == pytest.approx(0.01 / (ours["bytes"] / copy_bw))
+    assert "speedup_vs_reference" not in recs[4]
+    tg = run.targets(recs, "cpu")
+    first = tg[0]
+    assert first["verdict"] == "pass" and first["measured"] == pytest.approx(10.0)
+    assert tg[1]["verdict"] == "MISS" and tg[1]["measured"] == pytest.approx(4.0)  # floor 2.5 ms
+    meta = {"device": "cpu", "device_name": "x", "date": "d", "profile": "smoke", "torch": "t",
+            "python": "p", "threads": 2, "timer": "t", "mem_method": "m", "wall_s": 1.0, "json": "j"}
+    md = run.markdown(meta, recs, tg)
+    assert "| gpt2_mlp_up | K=9 | fwd+bwd | ours[cpu] |" in md and "10.00x" in md
+    assert "unavailable (x)" in md
+
+
+def test_readme_replacement():
+    text = "# T\n\nintro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## After\nkeep\n"
+    new = run.replace_section(text, "| a | b |\n")
+    assert new.startswith("# T\n\nintro\n<!-- bench:start -->\n| a | b |\n<!-- bench:end -->")
+    assert new.endswith("\n\n## After\nkeep\n") and "old table" not in new
+    assert run.replace_section(new, "| a | b |") == new
+    with pytest.raises(ValueError, match="markers"):
+        run.replace_section("no markers here", "x")
+    with pytest.raises(ValueError, match="markers"):
+        run.replace_section("<!-- bench:end --> <!-- bench:start -->", "x")
+
+
+def test_run_py_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TANGLE_KERNELS_BACKEND",)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--device", "cpu",
+           "--suites", "superpose", "-k", "tiny_mlp and not compiled and not triton",
+           "--out", str(tmp_path), "--no-readme"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (js,) = tmp_path.glob("*-cpu-smoke.json")
+    data = json.loads(js.read_text())
+    assert set(data) == {"meta", "targets", "records"}
+    recs = data["records"]
+    assert {r["provider"] for r in recs} == {"ours[cpu]", "ours[torch]", "reference", "masksum", "copy"}
+    for r in recs:
+        _ok(r)
+    ours = next(r for r in recs if r["provider"] == "ours[cpu]" and r["mode"] == "fwd")
+    assert ours["speedup_vs_reference"] > 0 and ours["bw_vs_copy"] > 0
+    assert (tmp_path / js.name.replace(".json", ".md")).read_text().count("| tiny_mlp |") == len(recs)
