@@ -90,6 +90,26 @@ def _tile_cell_sums(
 
 
 @triton.jit
+def _tile(pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr,
+          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of program ``pid``: 64-bit row/column indices, the in-bounds masks, the
+    row/column groups and the cell value T of every element (shared by fwd and bwd)."""
+    pid_r = pid // n_tiles_c
+    pid_c = pid % n_tiles_c
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    rg = tl.load(rowgrp_ptr + rows, mask=rmask, other=0)
+    cg = tl.load(colgrp_ptr + cols, mask=cmask, other=0)
+    tv = tl.load(t_ptr + (rg[:, None] * ncg + cg[None, :]), mask=mask, other=0.0)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    return rows64, cols64, rmask, cmask, mask, rg, cg, tv
+
+
+@triton.jit
 def _superpose_fwd_kernel(
     w_ptr,  # [R, C] weight, strides (s_wr, s_wc)
     out_ptr,  # [R, C] W_mix, contiguous, weight's dtype
@@ -106,18 +126,9 @@ def _superpose_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_r = pid // n_tiles_c
-    pid_c = pid % n_tiles_c
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < R
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    rg = tl.load(rowgrp_ptr + rows, mask=rmask, other=0)
-    cg = tl.load(colgrp_ptr + cols, mask=cmask, other=0)
-    tv = tl.load(t_ptr + (rg[:, None] * ncg + cg[None, :]), mask=mask, other=0.0)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows64, cols64, rmask, cmask, mask, rg, cg, tv = _tile(
+        pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr, BLOCK_R, BLOCK_C
+    )
     w = tl.load(w_ptr + rows64[:, None] * s_wr + cols64[None, :] * s_wc, mask=mask, other=0.0)
     out = (w.to(tv.dtype) * tv).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64[:, None] * C + cols64[None, :], out, mask=mask)
@@ -147,18 +158,9 @@ def _superpose_bwd_kernel(
     GCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_r = pid // n_tiles_c
-    pid_c = pid % n_tiles_c
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < R
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    rg = tl.load(rowgrp_ptr + rows, mask=rmask, other=0)
-    cg = tl.load(colgrp_ptr + cols, mask=cmask, other=0)
-    tv = tl.load(t_ptr + (rg[:, None] * ncg + cg[None, :]), mask=mask, other=0.0)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows64, cols64, rmask, cmask, mask, rg, cg, tv = _tile(
+        pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr, BLOCK_R, BLOCK_C
+    )
     g = tl.load(g_ptr + rows64[:, None] * s_gr + cols64[None, :] * s_gc, mask=mask, other=0.0)
     w = tl.load(w_ptr + rows64[:, None] * s_wr + cols64[None, :] * s_wc, mask=mask, other=0.0)
     gt = g.to(tv.dtype)
