@@ -189,6 +189,48 @@ def test_opcheck():
         )
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_route_equals_custom_op_route(backend, dtype):
+    """Eager calls skip the custom-op dispatcher (one autograd.Function); torch.compile
+    traces the custom ops. Same kernels: W_mix and dW bitwise, d mix to rounding."""
+    import importlib
+
+    sp = importlib.import_module("tangle_kernels.ops.superpose")
+    lay = tk.Layout.conv((6, 5, 5, 5), [3, 6], [2, 5], [1, 3, 5])
+    w0 = torch.randn(lay.shape, dtype=dtype)
+    m0 = torch.rand(lay.K, dtype=torch.float32)
+    g = torch.randn(lay.shape, dtype=dtype)
+    res = []
+    for route in (sp.superpose, lambda w, m, l, backend: sp._superpose_custom_op(w, m, l, backend)):
+        w, m = w0.clone().requires_grad_(True), m0.clone().requires_grad_(True)
+        out = route(w, m, lay, backend=backend)
+        res.append((out.detach(), *torch.autograd.grad(out, (w, m), g)))
+    (o1, w1, m1), (o2, w2, m2) = res
+    assert torch.equal(o1, o2) and torch.equal(w1, w2)
+    assert m1.dtype == m2.dtype == torch.float32
+    torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-6)
+    # no grad needed: the forward alone, same bits
+    with torch.no_grad():
+        assert torch.equal(sp.superpose(w0, m0, lay, backend=backend), o1)
+    # only one of the two inputs needs a gradient
+    w = w0.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(sp.superpose(w, m0, lay, backend=backend), w, g)
+    assert torch.equal(gw, w1)
+    m = m0.clone().requires_grad_(True)
+    (gm,) = torch.autograd.grad(sp.superpose(w0, m, lay, backend=backend), m, g)
+    assert torch.equal(gm, m1)
+
+
+def test_double_backward_is_refused():
+    lay = tk.Layout.prefix((4, 4), [[2, 4], None])
+    w = torch.randn(4, 4, requires_grad=True)
+    m = torch.rand(2, requires_grad=True)
+    (gw,) = torch.autograd.grad(tk.superpose(w, m, lay).square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gw.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     lay = tk.Layout.grid((12, 8), {"e": [4, 8], "r": [1, 2, 3]}, lambda e, r: [(0, 4 * r), (0, e)])
     w = torch.randn(lay.shape, requires_grad=True)

@@ -98,8 +98,25 @@ except Exception:  # pragma: no cover - very old/new torch without the helper
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to use for tensors on ``device`` (see module docstring)."""
+    """The backend to use for tensors on ``device`` (see module docstring).
+
+    Successful answers are cached per (argument, environment variable, device type):
+    what can run does not change within a process, and this runs on every op call."""
+    if torch.compiler.is_compiling():  # traced once; keep the graph free of the cache
+        return _resolve(backend, device)
+    key = (backend, os.environ.get(ENV_VAR), device.type)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _resolve(backend, device)
+        _RESOLVED[key] = name
+    return name
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
     explicit = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if explicit is not None:
         explicit = explicit.lower()
@@ -132,6 +149,13 @@ _MODULES = {
 }
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def get(name: str) -> ModuleType:
     """The module implementing ``forward(w2d, t, tabs)`` / ``backward(g2d, w2d, t, tabs)``."""
-    return importlib.import_module(_MODULES[name], __name__)
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = importlib.import_module(_MODULES[name], __name__)
+        _LOADED[name] = mod
+    return mod

@@ -31,8 +31,36 @@ def deterministic_mode() -> bool:
     ) not in ("", "0")
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what inductor uses
+
+
+def _stream(idx: int) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(idx)
+    return torch.cuda.current_stream(idx).cuda_stream  # pragma: no cover
+
+
+class _on_device:
+    """``torch.cuda.device(idx)`` only when ``idx`` is not already current (the
+    context manager costs more than a small kernel launch)."""
+
+    __slots__ = ("idx", "prev")
+
+    def __init__(self, idx: int):
+        self.idx = idx
+        self.prev = None
+
+    def __enter__(self):
+        cur = torch.cuda.current_device()
+        if cur != self.idx:
+            self.prev = cur
+            torch.cuda.set_device(self.idx)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            torch.cuda.set_device(self.prev)
+        return False
 
 
 def forward(w2d: torch.Tensor, t: torch.Tensor, tabs: dict) -> torch.Tensor:
@@ -40,10 +68,11 @@ def forward(w2d: torch.Tensor, t: torch.Tensor, tabs: dict) -> torch.Tensor:
     t = t.contiguous()
     out = torch.empty_like(w2d)
     R, C = w2d.shape
-    with torch.cuda.device(w2d.device):
+    idx = w2d.device.index
+    with _on_device(idx):
         _C.superpose_forward_cuda(
             DTYPE_CODES[w2d.dtype], R, C, t.shape[0], t.shape[1], w2d.data_ptr(), out.data_ptr(),
-            t.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(), _stream(w2d),
+            t.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(), _stream(idx),
         )
     return out
 
@@ -64,7 +93,8 @@ def backward(g2d: torch.Tensor, w2d: torch.Tensor, t: torch.Tensor, tabs: dict, 
     else:
         raise ValueError(f"mode: expected 'deterministic' or 'atomic', got {mode!r}")
     code = DTYPE_CODES[w2d.dtype]
-    with torch.cuda.device(w2d.device):
+    idx = w2d.device.index
+    with _on_device(idx):
         nbytes = 0
         if det:
             nbytes = _C.superpose_backward_cuda_workspace(
@@ -74,6 +104,6 @@ def backward(g2d: torch.Tensor, w2d: torch.Tensor, t: torch.Tensor, tabs: dict, 
         _C.superpose_backward_cuda(
             code, R, C, nrg, ncg, w2d.data_ptr(), g2d.data_ptr(), dw.data_ptr(),
             t.data_ptr(), p.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(),
-            ws.data_ptr(), nbytes, int(det), _stream(w2d),
+            ws.data_ptr(), nbytes, int(det), _stream(idx),
         )
     return dw, p

@@ -37,6 +37,7 @@ shrunk until there are at least ~4 per SM so small weights still fill the GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -109,7 +110,10 @@ def _tile(pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr,
     return rows64, cols64, rmask, cmask, mask, rg, cg, tv
 
 
-@triton.jit
+# Sizes that only bound loops or index tables are not specialised on (each distinct
+# value of R % 16 or ncg == 1 would otherwise compile a new kernel); C stays
+# specialised so the contiguous output rows keep their 16-byte alignment hints.
+@triton.jit(do_not_specialize=["R", "ncg", "n_tiles_c"])
 def _superpose_fwd_kernel(
     w_ptr,  # [R, C] weight, strides (s_wr, s_wc)
     out_ptr,  # [R, C] W_mix, contiguous, weight's dtype
@@ -134,7 +138,7 @@ def _superpose_fwd_kernel(
     tl.store(out_ptr + rows64[:, None] * C + cols64[None, :], out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "ncg", "ncells", "n_tiles_c"])
 def _superpose_bwd_kernel(
     g_ptr,  # [R, C] upstream gradient dL/dW_mix, strides (s_gr, s_gc)
     w_ptr,  # [R, C] weight, strides (s_wr, s_wc)
@@ -178,7 +182,7 @@ def _superpose_bwd_kernel(
     _tile_cell_sums(prod, rg, cg, rmask, cmask, base, ncg, ATOMIC, GCH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "ncells"])
 def _reduce_partials_kernel(
     ws_ptr,  # [n_rows, ncells] per-tile partial sums
     p_ptr,  # [ncells] output
@@ -217,6 +221,12 @@ def _num_sms(device: torch.device) -> int:
 
 def tile_config(R: int, C: int, elem_bytes: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_C, num_warps)`` for an ``R x C`` weight of ``elem_bytes`` bytes."""
+    return _tile_config(R, C, elem_bytes, device.type, device.index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tile_config(R: int, C: int, elem_bytes: int, dev_type: str, dev_index) -> tuple[int, int, int]:
+    device = torch.device(dev_type, dev_index) if dev_index is not None else torch.device(dev_type)
     if device.type != "cuda":  # interpreter: few, large programs (numpy per op)
         return min(_np2(R), 32), min(max(_np2(C), 16), 64), 1
     bc_max = {8: 128, 4: 256, 2: 512}.get(elem_bytes, 256)

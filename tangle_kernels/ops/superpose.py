@@ -12,6 +12,14 @@ seed code. With the layout's cell values ``T = B @ mix``:
 
 Name chain: backend kernels -> ``tangle::superpose_fwd`` / ``tangle::superpose_bwd``
 (custom ops, torch.compile- and opcheck-clean) -> public :func:`superpose`.
+
+Two routes to the same kernels. Under ``torch.compile`` :func:`superpose` emits the
+custom ops (traced once, so their dispatch cost does not matter). In eager mode it
+calls the backend through one ``torch.autograd.Function`` (:class:`_SuperposeFn`):
+the custom-op dispatcher and the autograd graph of ``T = B @ mix`` cost several
+times the kernel itself at GPT-2 sizes, and an op is called once per layer per step.
+The two routes run the same backend functions and agree bitwise in W_mix and dW
+(d mix to rounding: the same products summed by different reduction kernels; tests).
 """
 
 from __future__ import annotations
@@ -113,6 +121,56 @@ def _check_inputs(weight, mix, layout) -> None:
         raise ValueError(f"mix: is on {mix.device} but weight is on {weight.device}")
 
 
+def _cell_values(B: torch.Tensor, mix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``T = B @ mix`` (flat, ``dtype``) outside autograd, computed exactly as
+    :meth:`Layout.cell_values` does (multiply + sum, which autocast leaves in
+    ``dtype``), so both routes of :func:`superpose` give the same bits."""
+    m = mix.detach()
+    if m.dtype != dtype:
+        m = m.to(dtype)
+    return (B * m).sum(dim=1)
+
+
+def _superpose_nograd(weight, mix, layout, name):
+    tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    tabs = layout.tables(weight.device)
+    t = _cell_values(tabs["B64"] if tdtype == torch.float64 else tabs["B32"], mix, tdtype)
+    out = backends.get(name).forward(weight.reshape(layout.rows, layout.cols), t.view(layout.nrg, layout.ncg), tabs)
+    return out.view(weight.shape)
+
+
+class _SuperposeFn(torch.autograd.Function):
+    """Eager route: ``(weight, mix) -> W_mix``; backward ``(dW, d mix = B^T P)``."""
+
+    @staticmethod
+    def forward(ctx, weight, mix, layout, name):
+        impl = backends.get(name)
+        tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        tabs = layout.tables(weight.device)
+        B = tabs["B64"] if tdtype == torch.float64 else tabs["B32"]
+        t = _cell_values(B, mix, tdtype).view(layout.nrg, layout.ncg)
+        out = impl.forward(weight.reshape(layout.rows, layout.cols), t, tabs)
+        ctx.save_for_backward(weight, t)
+        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = impl, tabs, B, mix.dtype
+        ctx.rows, ctx.cols = layout.rows, layout.cols
+        return out if weight.dim() == 2 else out.view(weight.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weight, t = ctx.saved_tensors
+        need_w, need_mix = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        shape2d = (ctx.rows, ctx.cols)
+        dw, p = ctx.impl.backward(grad.reshape(shape2d), weight.reshape(shape2d), t, ctx.tabs)
+        dmix = None
+        if need_mix:
+            p = p.reshape(-1, 1).to(ctx.B.dtype)
+            dmix = (ctx.B * p).sum(dim=0).to(ctx.mix_dtype)
+        if need_w and weight.dim() != 2:
+            dw = dw.view(weight.shape)
+        return (dw if need_w else None), dmix, None, None
+
+
 def superpose(
     weight: torch.Tensor,
     mix: torch.Tensor,
@@ -148,6 +206,16 @@ def superpose(
     name = backends.resolve(backend, weight.device)
     if name == "reference":
         return superpose_reference(weight, mix, layout)
+    if not torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and (weight.requires_grad or mix.requires_grad):
+            return _SuperposeFn.apply(weight, mix, layout, name)
+        return _superpose_nograd(weight, mix, layout, name)
+    return _superpose_custom_op(weight, mix, layout, name)
+
+
+def _superpose_custom_op(weight, mix, layout, name):
+    """The torch.compile route: the ``tangle::superpose_fwd`` custom op, with
+    ``T = B @ mix`` (and so ``d mix = B^T P``) left to autograd."""
     tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     t = layout.cell_values(mix, tdtype)
     tabs = layout.tables(weight.device)
