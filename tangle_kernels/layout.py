@@ -181,6 +181,13 @@ class Layout:
         starts = np.concatenate([[0], change])
         ends = np.concatenate([change, [len(colgrp)]])
         runs = np.stack([starts, ends, colgrp[starts]], axis=1)
+        # ... and of constant row group (the reduction runs of the fused linear's dx GEMM).
+        change = np.flatnonzero(np.diff(rowgrp)) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(rowgrp)]])
+        rowruns = np.stack([starts, ends, rowgrp[starts]], axis=1)
+        # (columns, rows): every run boundary is a multiple of 16 (fused GEMM vector hints)
+        self.run_alignment = (bool((runs[:, :2] % 16 == 0).all()), bool((rowruns[:, :2] % 16 == 0).all()))
 
         self.split = split
         self.cuts = tuple(tuple(int(x) for x in c) for c in cuts)
@@ -192,6 +199,7 @@ class Layout:
             "rowgrp": torch.from_numpy(rowgrp.astype(np.int32)),
             "colgrp": torch.from_numpy(colgrp.astype(np.int32)),
             "runs": torch.from_numpy(np.ascontiguousarray(runs.astype(np.int32))),
+            "rowruns": torch.from_numpy(np.ascontiguousarray(rowruns.astype(np.int32))),
             "B64": torch.from_numpy(B),
             "B32": torch.from_numpy(B.astype(np.float32)),
         }
@@ -203,7 +211,8 @@ class Layout:
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """The kernel tables on ``device`` (cached): rowgrp [R], colgrp [C], runs [n, 3]
-        (int32), and the incidence B [cells, K] as float32 (``B32``) and float64 (``B64``)."""
+        (maximal column runs of one column group: start, end, group) and rowruns (the
+        same over rows), int32, and the incidence B [cells, K] as float32 (``B32``) and float64 (``B64``)."""
         device = torch.device(device)
         key = (device.type, device.index)
         t = self._device_cache.get(key)

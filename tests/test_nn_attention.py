@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from nn_util import check_hard, check_soft, combos, rand_arch
+from nn_util import TOL, check_hard, check_soft, combos, rand_arch
 from test_nn_linear import linear_oracle
 
 import tangle_kernels.nn as tnn
@@ -60,6 +60,9 @@ CASES = {
         embed_dim="e", num_heads="h", causal=True, choices={"e": (4, 8), "h": (1, 2, 4)}
     ),
     "nanogpt fixed width": dict(embed_dim=6, num_heads="h", choices={"h": (1, 2, 3)}),
+    "nanogpt head dims differ": dict(
+        embed_dim="e", num_heads="h", choices={"e": (8, 16), "h": (2, 4)}
+    ),
 }
 
 
@@ -120,3 +123,127 @@ def test_attention_errors():
     m = tnn.EntangledAttention(4, "h", {"h": (1, 2)})
     with pytest.raises(ValueError, match=r"x: expected \[B, T, 4\]"):
         m(torch.randn(2, 3, 5))
+
+
+# ---------------------------------------------------------------- nanoGPT batched path
+# The soft nanoGPT forward stacks the heads of every (width, heads) candidate into ONE
+# attention call; the per-candidate loop (one call per candidate) is its reference.
+
+BATCHED = {
+    "head dims differ": dict(choices={"e": (8, 16), "h": (2, 4)}),  # d = 4, 2, 8, 4
+    "three widths": dict(choices={"e": (4, 6, 12), "h": (1, 2)}),  # d = 4, 2, 6, 3, 12, 6
+    "fixed width": dict(embed_dim=12, choices={"h": (1, 3, 4, 6)}),  # d = 12, 4, 3, 2
+    "fixed heads": dict(num_heads=2, choices={"e": (2, 6, 10)}),  # d = 1, 3, 5
+}
+
+
+def make_nanogpt(name, causal, dtype=torch.float32):
+    kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype)
+    kw.update(BATCHED[name])
+    return tnn.EntangledAttention(**kw)
+
+
+def loop_forward(m: tnn.EntangledAttention):
+    """The module's per-candidate reference: same q|k|v / proj, K_E * K_H SDPA calls."""
+
+    def fn(x, arch):
+        q, k, v = m.qkv(x, arch).split(m.inner, dim=-1)
+        return m.proj(m._forward_partitions_loop(q, k, v, m._mix(arch, m.names)), arch)
+
+    return fn
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_nanogpt_batched_vs_loop_and_oracle(name, causal, dtype):
+    """Batched == per-candidate loop == padded-sum oracle (mha written out), forward and
+    every gradient (x, q|k|v and proj weights/biases, both arch vectors)."""
+    m = make_nanogpt(name, causal, dtype)
+    assert m.mode == "nanogpt" and m.heads_total == sum(h for _, h in m._cands)
+    x = torch.randn(2, 7, m.embed_dim, dtype=dtype, requires_grad=True)
+    arch = rand_arch(m.choices, dtype)
+    y = check_soft(m, x, arch, loop_forward(m), dtype=dtype)
+    check_soft(m, x, arch, attn_oracle(m), dtype=dtype)
+    assert y.abs().max() > 0.01  # not a vacuous comparison
+
+
+def test_nanogpt_batched_gradcheck_fp64():
+    """gradcheck of the batched combine itself w.r.t. q|k|v and mix (head dims 2, 1, 4, 2)
+    and of the whole module w.r.t. x and both arch vectors."""
+    m = tnn.EntangledAttention(
+        "e", "h", {"e": (4, 8), "h": (2, 4)}, causal=False, dtype=torch.float64
+    )
+    qkv = torch.randn(1, 3, 3 * m.inner, dtype=torch.float64, requires_grad=True)
+    mix = (torch.rand(len(m._cands), dtype=torch.float64) + 0.3).requires_grad_(True)
+    assert torch.autograd.gradcheck(m._forward_partitions, (qkv, mix))
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    a = rand_arch(m.choices, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, e, h: m(x, {"e": e, "h": h}), (x, a["e"], a["h"]), fast_mode=True
+    )
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Records the keyword arguments of every F.scaled_dot_product_attention call."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def test_nanogpt_one_sdpa_call(sdpa_calls):
+    """Soft nanoGPT forward: exactly ONE attention call (the loop makes K_E * K_H), with
+    the module's is_causal / dropout_p and scale=1 (q pre-scaled per head)."""
+    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25)
+    x = torch.randn(2, 5, 16)
+    arch = rand_arch(m.choices)
+    m.eval()
+    y = m(x, arch)
+    assert len(sdpa_calls) == 1
+    assert sdpa_calls[0]["scale"] == 1.0 and sdpa_calls[0]["is_causal"] is True
+    assert sdpa_calls[0]["dropout_p"] == 0.0
+    sdpa_calls.clear()
+    y_loop = loop_forward(m)(x, arch)
+    assert len(sdpa_calls) == 6  # the counter sees every call
+    torch.testing.assert_close(y, y_loop)
+    sdpa_calls.clear()
+    m.train()
+    y = m(x, arch)
+    assert len(sdpa_calls) == 1 and sdpa_calls[0]["dropout_p"] == 0.25
+    y.sum().backward()
+    sdpa_calls.clear()
+    m(x, HardArch_of(m, {"e": 8, "h": 2}))
+    assert len(sdpa_calls) == 1
+
+
+def HardArch_of(m, sel):
+    return tnn.HardArch(
+        {n: torch.ones(len(v)) for n, v in m.choices.items()},
+        {n: list(v).index(sel[n]) for n, v in m.choices.items()},
+    )
+
+
+def test_nanogpt_batched_buffers():
+    """The index tables are non-persistent buffers: not in the state dict, moved and
+    cast with the module; a float32-built module cast to float64 stays exact (the q
+    scale is computed from the integer head widths in the input's dtype)."""
+    m = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)})
+    assert not [k for k in m.state_dict() if "_hd_" in k]
+    assert (m.heads_total, m.head_pad) == (10, 6)
+    m2 = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)})
+    m2.load_state_dict(m.state_dict())  # the same keys as a module without the tables
+    m = m.double()
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    arch = rand_arch(m.choices, torch.float64)
+    torch.testing.assert_close(m(x, arch), loop_forward(m)(x, arch), **TOL[torch.float64])

@@ -190,6 +190,44 @@ def test_fused_linear_vs_oracle(lay):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=f"{name} {lay}")
 
 
+def test_fused_linear_runs_aligned_zero_and_nan_mix():
+    """The GEMM main loop runs over maximal runs of one mask group and scales the
+    partial tile by the run's mask: 16-aligned runs (vector-hint variant), runs whose
+    mask is exactly 0 on a tile (skipped), NaN mixes (propagated like the padded-sum),
+    a transposed (non-contiguous) weight."""
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    lay = tk.Layout.prefix((64, 48), [[32, 64], [16, 32, 48]])
+    assert lay.run_alignment == (True, True)
+    assert not LINEAR_LAYOUTS[0].run_alignment[0]
+    x = torch.randn(3, 48, device=DEV)
+    w = torch.randn(lay.shape, device=DEV)
+    b = torch.randn(64, device=DEV)
+    dy = torch.randn(3, 64, device=DEV)
+    onehot = torch.zeros(lay.K, device=DEV)
+    onehot[1] = 1.0  # out 32, in 32: rows >= 32 and cols >= 32 masked to exactly 0
+    for mix in (torch.randn(lay.K, device=DEV), onehot):
+        ts = [t.clone().requires_grad_(True) for t in (x, w, b, mix)]
+        y = entangled_linear(*ts, lay, backend="triton")
+        got = (y, *torch.autograd.grad(y, ts, dy))
+        y_ref, rs = _linear_oracle(x, w, b, mix, lay)
+        ref = (y_ref, *torch.autograd.grad(y_ref, rs, dy.double()))
+        for name, a, r in zip(("y", "dx", "dW", "dbias", "dmix"), got, ref):
+            torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=f"{name} {mix}")
+    # a transposed weight view goes through its strides
+    wt = torch.randn(48, 64, device=DEV).t()
+    mix = torch.rand(lay.K, device=DEV)
+    torch.testing.assert_close(
+        entangled_linear(x, wt, None, mix, lay, backend="triton"),
+        entangled_linear(x, wt.contiguous(), None, mix, lay, backend="torch"), rtol=1e-4, atol=1e-4,
+    )
+    nan_mix = mix.clone()
+    nan_mix[0] = float("nan")
+    y = entangled_linear(x, w, None, nan_mix, lay, backend="triton")
+    y_ref = entangled_linear(x, w, None, nan_mix, lay, backend="reference")
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).all()
+
+
 def test_fused_linear_p_modes_deterministic_and_no_bias():
     from tangle_kernels.backends import triton_linear
     from tangle_kernels.ops.entangled_linear import entangled_linear
@@ -237,6 +275,36 @@ def test_fused_linear_opcheck():
     w = torch.randn(6, 5, device=DEV, requires_grad=True)
     t = lay.cell_values(torch.rand(lay.K, device=DEV)).detach().requires_grad_(True)
     b = torch.randn(6, device=DEV, requires_grad=True)
+    tables = (tabs["rowgrp"], tabs["colgrp"], tabs["runs"], tabs["rowruns"])
     torch.library.opcheck(
-        torch.ops.tangle.entangled_linear_fwd.default, (x, w, t, tabs["rowgrp"], tabs["colgrp"], b)
+        torch.ops.tangle.entangled_linear_fwd.default, (x, w, t, *tables, *lay.run_alignment, b)
     )
+    dy = torch.randn(4, 6, device=DEV)
+    torch.library.opcheck(
+        torch.ops.tangle.entangled_linear_bwd.default,
+        (dy, x.detach(), w.detach(), t.detach(), *tables, lay.run_alignment[1]),
+    )
+
+
+def test_fused_linear_torch_compile_fullgraph():
+    """Under torch.compile the fused path is the tangle::entangled_linear_* custom ops
+    (the eager route is an autograd.Function); both give the same values and grads."""
+    from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
+
+    lay = tk.Layout.prefix((32, 16), [[16, 32], [8, 16]])
+    bias_layout(lay)  # built outside the compiled region, as EntangledLinear does
+    w = torch.randn(lay.shape, device=DEV, requires_grad=True)
+    b = torch.randn(32, device=DEV, requires_grad=True)
+    alpha = torch.randn(lay.K, device=DEV, requires_grad=True)
+    x = torch.randn(8, 16, device=DEV)
+
+    def f(x, w, b, alpha):
+        return entangled_linear(x, w, b, torch.softmax(alpha, 0), lay, backend="triton").square().sum()
+
+    got = torch.compile(f, fullgraph=True)(x, w, b, alpha)
+    g1 = torch.autograd.grad(got, (w, b, alpha))
+    ref = f(x, w, b, alpha)
+    g2 = torch.autograd.grad(ref, (w, b, alpha))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+    for a, r in zip(g1, g2):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)

@@ -2,25 +2,43 @@
 
 With ``W_mix[o, i] = W[o, i] * T[rowgrp[o], colgrp[i]]`` (never written to memory):
 
-    forward:  y  = x @ W_mix^T (+ b_mix)           mask applied to each W tile on load
-    backward: dx = dy @ W_mix                      mask applied to each W tile on load
+    forward:  y  = x @ W_mix^T (+ b_mix)
+    backward: dx = dy @ W_mix
               G  = dy^T @ x                        (the unmasked dL/dW_mix, fp32 accumulator)
               dW = G * T[cell]                     epilogue of the G GEMM
               P  = per-cell sums of G * W          same epilogue (tile partials, see
                                                    triton_superpose._tile_cell_sums)
 
-The masked W tile is rounded to the input dtype once (as ``superpose`` does) before
-``tl.dot``; accumulation is float32. For float32 inputs the dot uses TF32 exactly
-when PyTorch's ``torch.backends.cuda.matmul.allow_tf32`` is on (as cuBLAS would),
-full IEEE float32 otherwise. P modes as in triton_superpose (deterministic workspace
-+ fixed-order reduction, or float32 atomics on CUDA).
+The mask is piecewise constant: along the reduction dimension of the forward GEMM
+(the input features ``i``) it changes only at the layout's column cuts, along the
+one of the dx GEMM (the output features ``o``) only at its row cuts. So the mask is
+applied to the ACCUMULATOR, not to the operand tiles: the reduction runs over the
+maximal runs of one column group (``tabs["runs"]``; row runs ``tabs["rowruns"]`` for
+dx), each run is a plain tiled GEMM main loop (operands straight from memory to the
+tensor cores, pipelined like any Triton matmul), and at the end of a run the partial
+tile is scaled by the run's mask column ``T[rowgrp[o], j]`` (a ``[BN]`` vector)
+and added to the output accumulator. A run whose mask values are all exactly 0 on
+the tile is skipped (a candidate-free region costs nothing). When every run boundary
+is a multiple of 16 (widths such as 192/384/768) the kernels are told so
+(``tl.multiple_of``), which keeps 16-byte vector loads; otherwise a generic variant.
 
-Tile shapes: autotuned on CUDA (a few Hopper/Ampere-friendly configs, keyed on the
-GEMM sizes); one 16x16x16 config under ``TRITON_INTERPRET=1``.
+Numerics: the products ``x * W`` are exact-in-fp32 tensor-core products of the
+unmasked operands (TF32 for float32 exactly when PyTorch's
+``torch.backends.cuda.matmul.allow_tf32`` is on, as cuBLAS would), accumulated in
+float32, then scaled by ``T`` in float32: at least as accurate as rounding ``W_mix``
+to the input dtype and calling ``F.linear``.
+
+Tile shapes: a fixed heuristic per dtype and size (no benchmarking inside a training
+step, and the deterministic workspace size is known before launch).
+``TANGLE_TRITON_AUTOTUNE=1`` autotunes over a few Hopper/Ampere configs instead (keyed
+on the GEMM sizes; the first call of each shape then takes seconds). One 16x16x16
+config under ``TRITON_INTERPRET=1``. P modes as in triton_superpose (deterministic
+workspace + fixed-order reduction, or float32 atomics on CUDA).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,22 +51,36 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 GCHUNK = 16
 
 
+def autotune_enabled() -> bool:
+    return not _INTERPRET and os.environ.get("TANGLE_TRITON_AUTOTUNE", "0") not in ("", "0")
+
+
 def _configs(kind: str):
-    if _INTERPRET:
-        return [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 4}, num_warps=1, num_stages=1)]
+    """The autotune candidates (``TANGLE_TRITON_AUTOTUNE=1``)."""
     out = []
     for bm, bn, bk, w, s in (
         (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (64, 64, 64, 4, 4),
         (128, 256, 64, 8, 3),
     ):
         if kind == "dw" and bn == 256:
             continue
         out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def fixed_config(M: int, N: int, elem_bytes: int) -> tuple[dict, int, int]:
+    """``(meta, num_warps, num_stages)`` of the heuristic tile for an ``M x N`` output."""
+    if _INTERPRET:
+        return {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 4}, 1, 1
+    BM = 128 if M > 64 else 64
+    BN = 128 if N > 64 else 64
+    BK = 32 if elem_bytes >= 4 else 64  # 16 KB of each operand per stage
+    warps = 8 if BM * BN >= 128 * 128 else 4
+    return {"BM": BM, "BN": BN, "BK": BK, "GROUP_M": 8}, warps, 3
 
 
 @triton.jit
@@ -66,14 +98,50 @@ def _pid_grouped(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_configs("fwd"), key=["M", "N", "K"])
 @triton.jit
+def _masked_gemm_runs(
+    a_ptr, s_am, s_ak,  # A [M, Kred]
+    b_ptr, s_bk, s_bn,  # B [Kred, N]
+    t_ptr, tbase, t_stride,  # mask of run r on the tile: T[tbase + j * t_stride]  ([BN])
+    runs_ptr, n_runs,  # [n_runs, 3] int32: (lo, hi, group j) along Kred
+    rm64, rn64, rmask, nmask,
+    PREC: tl.constexpr, ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """``sum_runs (A[:, run] @ B[run, :]) * T[tbase + j_run * t_stride][None, :]``."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for r in range(0, n_runs):
+        k_lo = tl.load(runs_ptr + 3 * r)
+        k_hi = tl.load(runs_ptr + 3 * r + 1)
+        j = tl.load(runs_ptr + 3 * r + 2)
+        if ALIGNED:
+            k_lo = tl.multiple_of(k_lo, 16)
+            k_hi = tl.multiple_of(k_hi, 16)
+        tv = tl.load(t_ptr + (tbase + j * t_stride), mask=nmask, other=0.0)
+        # skip a run whose mask is exactly 0 on the whole tile (NaN != 0 is kept)
+        if tl.sum((tv != 0.0).to(tl.int32), axis=0) > 0:
+            part = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                rk = k0 + tl.arange(0, BK)
+                kmask = rk < k_hi
+                rk64 = rk.to(tl.int64)
+                a = tl.load(a_ptr + rm64[:, None] * s_am + rk64[None, :] * s_ak,
+                            mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(b_ptr + rk64[:, None] * s_bk + rn64[None, :] * s_bn,
+                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+                part = tl.dot(a, b, part, input_precision=PREC)
+            acc += part * tv[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["ncg", "n_runs"])
 def _linear_fwd_kernel(
     x_ptr,  # [M, K] input (strides s_xm, s_xk)
     w_ptr,  # [N, K] max-size weight (strides s_wn, s_wk)
     t_ptr,  # [nrg * ncg] float32 cell values
     rowgrp_ptr,  # [N] int32 row (output-feature) groups
-    colgrp_ptr,  # [K] int32 column (input-feature) groups
+    runs_ptr,  # [n_runs, 3] int32 column runs (lo, hi, column group) over K
+    n_runs,
     b_ptr,  # [N] superposed bias (HAS_BIAS)
     y_ptr,  # [M, N] output, contiguous
     M,
@@ -86,6 +154,7 @@ def _linear_fwd_kernel(
     s_wk,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -98,17 +167,10 @@ def _linear_fwd_kernel(
     nmask = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    trow = tl.load(rowgrp_ptr + rn, mask=nmask, other=0) * ncg
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
-        x = tl.load(x_ptr + rm64[:, None] * s_xm + rk[None, :] * s_xk, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + rn64[:, None] * s_wn + rk[None, :] * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
-        cg = tl.load(colgrp_ptr + rk, mask=kmask, other=0)
-        tm = tl.load(t_ptr + (trow[:, None] + cg[None, :]))  # in bounds: masked groups are 0
-        wm = (w.to(tl.float32) * tm).to(x.dtype)
-        acc = tl.dot(x, tl.trans(wm), acc, input_precision=PREC)
+    trow = tl.load(rowgrp_ptr + rn, mask=nmask, other=0) * ncg  # T[rowgrp[n], j] = t[trow + j]
+    # B = W^T: element (k, n) at w_ptr + n * s_wn + k * s_wk
+    acc = _masked_gemm_runs(x_ptr, s_xm, s_xk, w_ptr, s_wk, s_wn, t_ptr, trow, 1, runs_ptr, n_runs,
+                            rm64, rn64, rmask, nmask, PREC, ALIGNED, BM, BN, BK)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -118,14 +180,14 @@ def _linear_fwd_kernel(
     )
 
 
-@triton.autotune(configs=_configs("dx"), key=["M", "N", "K"])
-@triton.jit
+@triton.jit(do_not_specialize=["ncg", "n_runs"])
 def _linear_dx_kernel(
     dy_ptr,  # [M, K] upstream gradient (K = out features), strides s_dm, s_dk
     w_ptr,  # [K, N] weight (N = in features), strides s_wk, s_wn
     t_ptr,
-    rowgrp_ptr,  # [K] int32 (output-feature groups)
     colgrp_ptr,  # [N] int32 (input-feature groups)
+    runs_ptr,  # [n_runs, 3] int32 row runs (lo, hi, row group) over K
+    n_runs,
     dx_ptr,  # [M, N] contiguous
     M,
     N,
@@ -136,6 +198,7 @@ def _linear_dx_kernel(
     s_wk,
     s_wn,
     PREC: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -148,18 +211,9 @@ def _linear_dx_kernel(
     nmask = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    cg = tl.load(colgrp_ptr + rn, mask=nmask, other=0)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
-        rk64 = rk.to(tl.int64)
-        dy = tl.load(dy_ptr + rm64[:, None] * s_dm + rk[None, :] * s_dk, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + rk64[:, None] * s_wk + rn64[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        rg = tl.load(rowgrp_ptr + rk, mask=kmask, other=0)
-        tm = tl.load(t_ptr + (rg[:, None] * ncg + cg[None, :]))
-        wm = (w.to(tl.float32) * tm).to(dy.dtype)
-        acc = tl.dot(dy, wm, acc, input_precision=PREC)
+    cg = tl.load(colgrp_ptr + rn, mask=nmask, other=0)  # T[i, cg[n]] = t[cg + i * ncg]
+    acc = _masked_gemm_runs(dy_ptr, s_dm, s_dk, w_ptr, s_wk, s_wn, t_ptr, cg, ncg, runs_ptr, n_runs,
+                            rm64, rn64, rmask, nmask, PREC, ALIGNED, BM, BN, BK)
     tl.store(
         dx_ptr + rm64[:, None] * N + rn64[None, :],
         acc.to(dx_ptr.dtype.element_ty),
@@ -167,8 +221,7 @@ def _linear_dx_kernel(
     )
 
 
-@triton.autotune(configs=_configs("dw"), key=["M", "N", "K"], reset_to_zero=["p_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["ncg", "ncells"])
 def _linear_dw_kernel(
     dy_ptr,  # [K, M] upstream gradient (K = batch, M = out features), strides s_dk, s_dm
     x_ptr,  # [K, N] input (N = in features), strides s_xk, s_xn
@@ -241,8 +294,28 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _grid(M, N):
-    return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+_TUNED: dict = {}
+
+
+def _tuned(kind: str):
+    """The autotuned variant of a kernel (built on first use)."""
+    k = _TUNED.get(kind)
+    if k is None:
+        kern = {"fwd": _linear_fwd_kernel, "dx": _linear_dx_kernel, "dw": _linear_dw_kernel}[kind]
+        kw = {"reset_to_zero": ["p_ptr"]} if kind == "dw" else {}
+        k = _TUNED[kind] = triton.autotune(configs=_configs(kind), key=["M", "N", "K"], **kw)(kern)
+    return k
+
+
+def _launch(kind: str, kernel, M: int, N: int, elem_bytes: int, args: tuple, kwargs: dict) -> None:
+    """Launch over the ``M x N`` output tiles, fixed heuristic tile or autotuned."""
+    if autotune_enabled():
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+        _tuned(kind)[grid](*args, **kwargs)
+        return
+    meta, warps, stages = fixed_config(M, N, elem_bytes)
+    grid = (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+    kernel[grid](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
 
 def check_supported(x2d: torch.Tensor, weight: torch.Tensor) -> None:
@@ -254,8 +327,11 @@ def check_supported(x2d: torch.Tensor, weight: torch.Tensor) -> None:
         raise TypeError("the fused triton linear runs only float32 under TRITON_INTERPRET=1")
 
 
-def linear_forward(x2d, weight, t, tabs, bias_mix=None):
-    """``x2d @ (W * T[cell])^T (+ bias_mix)``; x2d ``[M, in]``, weight ``[out, in]``."""
+def linear_forward(x2d, weight, t, tabs, bias_mix=None, aligned: bool = False):
+    """``x2d @ (W * T[cell])^T (+ bias_mix)``; x2d ``[M, in]``, weight ``[out, in]``.
+
+    ``tabs``: the layout's ``rowgrp`` and column ``runs``; ``aligned``: every column
+    run boundary is a multiple of 16 (:func:`run_alignment`)."""
     check_supported(x2d, weight)
     M, K = x2d.shape
     N = weight.shape[0]
@@ -266,16 +342,19 @@ def linear_forward(x2d, weight, t, tabs, bias_mix=None):
         return y.zero_() + (bias_mix if bias_mix is not None else 0)
     t = t.contiguous()
     b = bias_mix.contiguous() if bias_mix is not None else y
-    _linear_fwd_kernel[_grid(M, N)](
-        x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], b, y, M, N, K, t.shape[1],
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias_mix is not None, PREC=_prec(x2d.dtype),
-    )
+    runs = tabs["runs"]
+    args = (x2d, weight, t, tabs["rowgrp"], runs, runs.shape[0], b, y, M, N, K, t.shape[1],
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1))
+    kwargs = dict(HAS_BIAS=bias_mix is not None, PREC=_prec(x2d.dtype), ALIGNED=bool(aligned))
+    _launch("fwd", _linear_fwd_kernel, M, N, x2d.element_size(), args, kwargs)
     return y
 
 
-def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None):
-    """``(dx, dW, P)`` of the fused linear (bias gradient is ``dy.sum(0)``, done by the caller)."""
+def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None, aligned_rows: bool = False):
+    """``(dx, dW, P)`` of the fused linear (bias gradient is ``dy.sum(0)``, done by the caller).
+
+    ``tabs``: ``rowgrp``, ``colgrp`` and the row runs ``rowruns``; ``aligned_rows``:
+    every row run boundary is a multiple of 16."""
     check_supported(x2d, weight)
     dy = dy.to(x2d.dtype)
     M, K = x2d.shape  # batch, in
@@ -287,27 +366,35 @@ def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None):
     if mode not in ("deterministic", "atomic"):
         raise ValueError(f"mode: expected 'deterministic' or 'atomic', got {mode!r}")
     prec = _prec(x2d.dtype)
+    eb = x2d.element_size()
     dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
     dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
     if M == 0 or N == 0 or K == 0:
         return dx.zero_(), dw.zero_(), torch.zeros_like(t)
-    _linear_dx_kernel[_grid(M, K)](
-        dy, weight, t, tabs["rowgrp"], tabs["colgrp"], dx, M, K, N, ncg,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), PREC=prec,
+    rr = tabs["rowruns"]
+    _launch(
+        "dx", _linear_dx_kernel, M, K, eb,
+        (dy, weight, t, tabs["colgrp"], rr, rr.shape[0], dx, M, K, N, ncg,
+         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1)),
+        dict(PREC=prec, ALIGNED=bool(aligned_rows)),
     )
     if mode == "atomic":
         dst = torch.zeros(ncells, dtype=torch.float32, device=t.device)
     else:
-        # Rows for the smallest tile of any config: the autotuner may pick any of them;
-        # rows a config does not use stay zero and add nothing.
-        min_bm = min(c.kwargs["BM"] for c in _linear_dw_kernel.configs)
-        min_bn = min(c.kwargs["BN"] for c in _linear_dw_kernel.configs)
-        max_tiles = triton.cdiv(N, min_bm) * triton.cdiv(K, min_bn)
-        dst = torch.zeros((max_tiles, ncells), dtype=torch.float32, device=t.device)
-    _linear_dw_kernel[_grid(N, K)](
-        dy, x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], dw, dst, N, K, M, ncg, ncells,
-        dy.stride(0), dy.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-        ATOMIC=mode == "atomic", PREC=prec, GCH=GCHUNK,
+        if autotune_enabled():
+            # the autotuner may pick any config: rows for the smallest tile of any of
+            # them; rows a config does not use stay zero and add nothing
+            bm = min(c.kwargs["BM"] for c in _configs("dw"))
+            bn = min(c.kwargs["BN"] for c in _configs("dw"))
+        else:
+            meta = fixed_config(N, K, eb)[0]
+            bm, bn = meta["BM"], meta["BN"]
+        dst = torch.zeros((triton.cdiv(N, bm) * triton.cdiv(K, bn), ncells), dtype=torch.float32, device=t.device)
+    _launch(
+        "dw", _linear_dw_kernel, N, K, eb,
+        (dy, x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], dw, dst, N, K, M, ncg, ncells,
+         dy.stride(0), dy.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1)),
+        dict(ATOMIC=mode == "atomic", PREC=prec, GCH=GCHUNK),
     )
     if mode == "atomic":
         p = dst
@@ -316,3 +403,9 @@ def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None):
         RB = min(max(1 << max(0, ncells - 1).bit_length(), 16), 1024)
         _reduce_partials_kernel[(triton.cdiv(ncells, RB),)](dst, p, dst.shape[0], ncells, BLOCK=RB)
     return dx, dw, p.reshape(nrg, ncg).to(t.dtype)
+
+
+def run_alignment(layout) -> tuple[bool, bool]:
+    """``(columns, rows)``: whether every column / row run boundary of ``layout`` is a
+    multiple of 16 (precomputed by the Layout)."""
+    return layout.run_alignment

@@ -50,9 +50,23 @@ class EntangledAttention(EntangledModule):
           y = sum_{(e, h)} mix_(e,h) * pad(attend(q[..., :e], k[..., :e], v[..., :e], h))
           out = proj(y, arch)
 
-      over every (embedding width, head count) candidate, ``mix`` the outer product of
-      the two arch vectors. Cost: ``K_E * K_H`` attention calls (each on its own
-      width) instead of one; the projections stay single superposed GEMMs.
+      over every (embedding width, head count) candidate ``c = (e, h)``, ``mix`` the
+      outer product of the two arch vectors. It runs as ONE attention call: the heads
+      of all candidates are stacked (candidate ``c`` contributes ``h`` heads of width
+      ``d_c = e / h``, head ``j`` reading columns ``[j d_c, (j+1) d_c)``), giving
+      ``H_tot = sum_c h_c`` heads zero-padded to ``D = max_c d_c``, gathered from
+      q|k|v by one ``index_select``. Zero q columns leave the dot products unchanged;
+      q is pre-scaled per head by ``1 / sqrt(d_c)`` (the call uses ``scale=1``); v is
+      pre-scaled by ``mix_c`` with zero padding, so each head's output is already
+      weighted and zero outside its ``d_c`` columns, and one ``index_add`` sums the
+      head outputs into ``y [B, T, E_max]``. Cost: one attention call over ``H_tot``
+      heads of width ``D``, whose FLOPs scale with ``H_tot * D = sum_c e_c`` (the
+      per-candidate calls' total) ``+ sum_c h_c (D - d_c)`` (the padding), plus one
+      gather and one scatter-add of ``[B, T, H_tot * D]``; the projections stay single
+      superposed GEMMs (nanoGPT ``paper`` preset, embed 384/576/768 x heads 6/8/12:
+      ``H_tot = 78``, ``D = 128``, ``H_tot * D = 1.93 sum_c e_c``).
+      ``_forward_partitions_loop`` keeps the per-candidate form (``K_E * K_H``
+      attention calls) as a reference.
 
     HardArch: the sub-network (sliced q|k|v GEMM, attention over ``h`` heads of the
     chosen width, sliced output GEMM), output zero-padded to ``E_max``. No arch: the
@@ -119,6 +133,81 @@ class EntangledAttention(EntangledModule):
                 )
                 for c in itertools.product(*(self.choices[n] for n in self.names))
             ]
+            self._build_head_tables(device)
+
+    def _build_head_tables(self, device) -> None:
+        """Index tables of the batched nanoGPT-mode attention (non-persistent buffers).
+
+        ``H_tot = sum_c h_c`` stacked heads of width ``D = max_c d_c``; flat position
+        ``p = i * D + t`` is column ``t`` of stacked head ``i`` (head ``j`` of
+        candidate ``c``), real where ``t < d_c``:
+
+        - ``_hd_src [3 * H_tot * D]``: the q|k|v column each position reads (q part,
+          then k, then v). Padding reads a real column of its head; it is zeroed by
+          the q and v multipliers (k's padding meets zero q columns).
+        - ``_hd_div [H_tot, D]``: ``d_c`` where real, ``inf`` at padding, so
+          ``rsqrt`` gives the q multiplier ``1/sqrt(d_c)`` or 0.
+        - ``_hd_real [H_tot, D]``: 1 where real, 0 at padding (the v mask).
+        - ``_hd_cand [H_tot]``: the candidate of each stacked head (index into mix).
+        - ``_hd_dst [H_tot * D]``: the output column of each position (``j d_c + t``;
+          0 at padding, whose output is exactly zero).
+        """
+        E = self.inner  # = E_max: q | k | v each E_max wide
+        D = max(e // h for e, h in self._cands)
+        src, div, real, cand, dst = [], [], [], [], []
+        for ci, (e, h) in enumerate(self._cands):
+            d = e // h
+            for j in range(h):
+                cols = [j * d + t if t < d else j * d for t in range(D)]
+                src.append(cols)
+                div.append([float(d) if t < d else float("inf") for t in range(D)])
+                real.append([1.0 if t < d else 0.0 for t in range(D)])
+                cand.append(ci)
+                dst.append([j * d + t if t < d else 0 for t in range(D)])
+        s = torch.tensor(src, dtype=torch.long, device=device).flatten()
+        self.heads_total, self.head_pad = len(cand), D
+        self.register_buffer("_hd_src", torch.cat([s, s + E, s + 2 * E]), persistent=False)
+        self.register_buffer("_hd_div", torch.tensor(div, device=device), persistent=False)
+        self.register_buffer("_hd_real", torch.tensor(real, device=device), persistent=False)
+        self.register_buffer(
+            "_hd_cand", torch.tensor(cand, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "_hd_dst",
+            torch.tensor(dst, dtype=torch.long, device=device).flatten(),
+            persistent=False,
+        )
+
+    def _forward_partitions(self, qkv: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """nanoGPT mode, soft arch: ``sum_c mix_c * pad(attend(q[:e_c], k[:e_c], v[:e_c],
+        h_c))`` as ONE attention call over the stacked heads of all candidates (see the
+        class docstring). ``qkv [B, T, 3 E_max]``, ``mix [K]`` -> ``y [B, T, E_max]``."""
+        B, T, _ = qkv.shape
+        Ht, D = self.heads_total, self.head_pad
+        dt = qkv.dtype
+        g = qkv.index_select(-1, self._hd_src).view(B, T, 3, Ht, D)
+        q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # [B, Ht, T, D] views
+        q = q * self._hd_div.to(dt).rsqrt()[:, None]  # [Ht, 1, D]
+        vm = mix.to(dt).index_select(0, self._hd_cand)[:, None] * self._hd_real.to(dt)
+        v = v * vm[:, None]
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, scale=1.0)
+        o = o.transpose(1, 2).reshape(B, T, Ht * D)
+        # In place on a fresh zero tensor (no clone); the gradient flows to ``o``.
+        return qkv.new_zeros(B, T, self.embed_dim).index_add_(-1, self._hd_dst, o)
+
+    def _forward_partitions_loop(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor
+    ) -> torch.Tensor:
+        """Reference for :meth:`_forward_partitions` (tests only): one attention call
+        per ``(e, h)`` candidate, outputs zero-padded to ``E_max`` and mixed."""
+        y = None
+        for j, (e, h) in enumerate(self._cands):
+            t = self._attend(q[..., :e], k[..., :e], v[..., :e], h) * mix[j].to(q.dtype)
+            if e < self.embed_dim:
+                t = F.pad(t, (0, self.embed_dim - e))
+            y = t if y is None else y + t
+        return y
 
     def _attend(self, q, k, v, h):
         p = self.dropout if self.training else 0.0
@@ -137,17 +226,12 @@ class EntangledAttention(EntangledModule):
             return F.linear(y, self.proj.weight, self.proj.bias)
         if isinstance(arch, HardArch):
             return self.forward_hard(x, arch)
-        q, k, v = self.qkv(x, arch).split(self.inner, dim=-1)
+        qkv = self.qkv(x, arch)
         if self.mode == "autoformer":
+            q, k, v = qkv.split(self.inner, dim=-1)
             y = self._attend(q, k, v, self.num_heads)
         else:
-            mix = self._mix(arch, self.names)
-            y = None
-            for j, (e, h) in enumerate(self._cands):
-                t = self._attend(q[..., :e], k[..., :e], v[..., :e], h) * mix[j].to(x.dtype)
-                if e < self.embed_dim:
-                    t = F.pad(t, (0, self.embed_dim - e))
-                y = t if y is None else y + t
+            y = self._forward_partitions(qkv, self._mix(arch, self.names))
         return self.proj(y, arch)
 
     def forward_hard(self, x: torch.Tensor, arch: HardArch) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
-from .superpose import superpose
+from .superpose import _cell_values, superpose
 
 def bias_layout(layout: Layout) -> Layout:
     """The layout of the bias that goes with a ``(out, in)`` weight layout.
@@ -57,6 +57,10 @@ def _triton_linear():
 
 
 # ------------------------------------------------------------------ custom ops
+def _tabs(rowgrp, colgrp, runs, rowruns):
+    return {"rowgrp": rowgrp, "colgrp": colgrp, "runs": runs, "rowruns": rowruns}
+
+
 @torch.library.custom_op("tangle::entangled_linear_fwd", mutates_args=())
 def entangled_linear_forward(
     x2d: torch.Tensor,
@@ -64,15 +68,20 @@ def entangled_linear_forward(
     t: torch.Tensor,
     rowgrp: torch.Tensor,
     colgrp: torch.Tensor,
+    runs: torch.Tensor,
+    rowruns: torch.Tensor,
+    aligned_cols: bool,
+    aligned_rows: bool,
     bias_mix: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Fused ``x2d @ (W * T[cell])^T + bias_mix`` (Triton); x2d ``[M, in]``."""
-    tabs = {"rowgrp": rowgrp, "colgrp": colgrp}
-    return _triton_linear().linear_forward(x2d, weight, t, tabs, bias_mix)
+    """Fused ``x2d @ (W * T[cell])^T + bias_mix`` (Triton); x2d ``[M, in]``.
+    ``aligned_cols/rows``: the run boundaries are multiples of 16 (``layout.run_alignment``)."""
+    tabs = _tabs(rowgrp, colgrp, runs, rowruns)
+    return _triton_linear().linear_forward(x2d, weight, t, tabs, bias_mix, aligned=aligned_cols)
 
 
 @entangled_linear_forward.register_fake
-def _(x2d, weight, t, rowgrp, colgrp, bias_mix):
+def _(x2d, weight, t, rowgrp, colgrp, runs, rowruns, aligned_cols, aligned_rows, bias_mix):
     return x2d.new_empty((x2d.shape[0], weight.shape[0]))
 
 
@@ -84,14 +93,17 @@ def entangled_linear_backward(
     t: torch.Tensor,
     rowgrp: torch.Tensor,
     colgrp: torch.Tensor,
+    runs: torch.Tensor,
+    rowruns: torch.Tensor,
+    aligned_rows: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, P)`` of the fused linear (see module docstring)."""
-    tabs = {"rowgrp": rowgrp, "colgrp": colgrp}
-    return _triton_linear().linear_backward(dy, x2d, weight, t, tabs)
+    tabs = _tabs(rowgrp, colgrp, runs, rowruns)
+    return _triton_linear().linear_backward(dy, x2d, weight, t, tabs, aligned_rows=aligned_rows)
 
 
 @entangled_linear_backward.register_fake
-def _(dy, x2d, weight, t, rowgrp, colgrp):
+def _(dy, x2d, weight, t, rowgrp, colgrp, runs, rowruns, aligned_rows):
     return (
         torch.empty_like(x2d, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -100,20 +112,50 @@ def _(dy, x2d, weight, t, rowgrp, colgrp):
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, weight, t, rowgrp, colgrp, bias_mix = inputs
-    ctx.save_for_backward(x2d, weight, t, rowgrp, colgrp)
+    x2d, weight, t, rowgrp, colgrp, runs, rowruns, aligned_cols, aligned_rows, bias_mix = inputs
+    ctx.save_for_backward(x2d, weight, t, rowgrp, colgrp, runs, rowruns)
+    ctx.aligned_rows = aligned_rows
     ctx.has_bias = bias_mix is not None
     ctx.bias_dtype = bias_mix.dtype if bias_mix is not None else None
 
 
 def _backward(ctx, dy):
-    x2d, weight, t, rowgrp, colgrp = ctx.saved_tensors
-    dx, dw, p = entangled_linear_backward(dy, x2d, weight, t, rowgrp, colgrp)
+    x2d, weight, t, rowgrp, colgrp, runs, rowruns = ctx.saved_tensors
+    dx, dw, p = entangled_linear_backward(dy, x2d, weight, t, rowgrp, colgrp, runs, rowruns, ctx.aligned_rows)
     db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.has_bias else None
-    return dx, dw, p, None, None, db
+    return dx, dw, p, None, None, None, None, None, None, db
 
 
 entangled_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FusedLinearFn(torch.autograd.Function):
+    """Eager route of the fused path (no custom-op dispatch, ``T`` outside autograd):
+    ``(x2d, weight, mix, b_mix) -> y``; backward ``(dx, dW, d mix = B^T P, d b_mix)``."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, mix, b_mix, layout):
+        tabs = layout.tables(weight.device)
+        t = _cell_values(tabs["B32"], mix, torch.float32).view(layout.nrg, layout.ncg)
+        aligned = layout.run_alignment
+        y = _triton_linear().linear_forward(x2d, weight, t, tabs, b_mix, aligned=aligned[0])
+        ctx.save_for_backward(x2d, weight, t)
+        ctx.tabs, ctx.aligned, ctx.B, ctx.mix_dtype = tabs, aligned, tabs["B32"], mix.dtype
+        ctx.bias_dtype = b_mix.dtype if b_mix is not None else None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2d, weight, t = ctx.saved_tensors
+        dx, dw, p = _triton_linear().linear_backward(dy, x2d, weight, t, ctx.tabs, aligned_rows=ctx.aligned[1])
+        dmix = None
+        if ctx.needs_input_grad[2]:
+            dmix = (ctx.B * p.reshape(-1, 1)).sum(dim=0).to(ctx.mix_dtype)
+        db = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dw, dmix, db, None
 
 
 # ------------------------------------------------------------------ public op
@@ -193,11 +235,17 @@ def entangled_linear(
         bias = bias.to(dt) if bias is not None else None
     elif x.dtype != weight.dtype:
         raise TypeError(f"x: dtype {x.dtype} != weight dtype {weight.dtype}")
-    t = layout.cell_values(mix, torch.float32)
-    tabs = layout.tables(weight.device)
     b_mix = None
     if bias is not None:
         b_mix = superpose(bias, mix, bias_layout(layout), backend="triton")
     x2d = x.reshape(-1, x.shape[-1])
-    y = entangled_linear_forward(x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], b_mix)
+    if torch.compiler.is_compiling():
+        t = layout.cell_values(mix, torch.float32)
+        tabs = layout.tables(weight.device)
+        ac, ar = layout.run_alignment
+        y = entangled_linear_forward(
+            x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], tabs["runs"], tabs["rowruns"], ac, ar, b_mix
+        )
+    else:
+        y = _FusedLinearFn.apply(x2d, weight, mix, b_mix, layout)
     return y.reshape(*x.shape[:-1], weight.shape[0])
