@@ -223,15 +223,8 @@ def test_nanogpt_one_sdpa_call(sdpa_calls):
     assert len(sdpa_calls) == 1 and sdpa_calls[0]["dropout_p"] == 0.25
     y.sum().backward()
     sdpa_calls.clear()
-    m(x, HardArch_of(m, {"e": 8, "h": 2}))
+    m(x, tnn.one_hot_arch(m.choices, {"e": 8, "h": 2}))
     assert len(sdpa_calls) == 1
-
-
-def HardArch_of(m, sel):
-    return tnn.HardArch(
-        {n: torch.ones(len(v)) for n, v in m.choices.items()},
-        {n: list(v).index(sel[n]) for n, v in m.choices.items()},
-    )
 
 
 def test_nanogpt_batched_buffers():
