@@ -3,9 +3,10 @@
 # torch, triton, nvcc, pybind11, cmake, ninja, pytest; no network needed):
 #   1. builds tangle_kernels._C (CPU + CUDA kernels) against that torch,
 #   2. prints `python -m tangle_kernels info`,
-#   3. runs tests/test_gpu.py, the triton tests on the GPU, and every test marked gpu,
-#   4. runs the GPU benchmarks (benchmarks/run.py --device cuda) when present,
-#   5. copies logs and results to "$OUT" when OUT is set.
+#   3. runs the quick probe (scripts/gpu_probe.py: one table of op and layer timings),
+#   4. runs tests/test_gpu.py, the triton tests on the GPU, and every test marked gpu,
+#   5. runs the GPU benchmarks (benchmarks/run.py --device cuda) when present,
+#   6. copies logs and results to "$OUT" when OUT is set.
 # A failing step is recorded and the lane goes on; the exit status is non-zero if any
 # step failed. Total runtime is bounded by GPU_LANE_BUDGET_S (default 530 s, under the
 # 10-minute device call) and per-step timeouts.
@@ -81,9 +82,13 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # 2. info ----------------------------------------------------------------------
 step info 60 $PY -m tangle_kernels info
 
-# 3. tests ---------------------------------------------------------------------
-export TANGLE_GPU_LANE=1
+# 3. the quick probe first (superpose and the fused linear vs their baselines, one
+# table): the numbers survive even if a later step runs out of time.
 unset TRITON_INTERPRET
+step probe 150 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json"
+
+# 4. tests ---------------------------------------------------------------------
+export TANGLE_GPU_LANE=1
 step test_gpu 200 $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests/test_gpu.py
 step test_triton_on_gpu 60 $PY -m pytest -q -p no:cacheprovider -rfEs tests/test_triton_backend.py
 # Every other test marked gpu (other modules' GPU tests), whole suite, selected by marker.
@@ -96,9 +101,7 @@ marked_gpu() {  # pytest exits 5 when no test is selected: not a failure here
 export -f marked_gpu
 step test_marked_gpu 60 marked_gpu
 
-# 4. benchmarks ----------------------------------------------------------------
-# The quick probe: superpose and the fused linear vs their baselines, one table.
-step probe 150 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json"
+# 5. benchmarks ----------------------------------------------------------------
 if [ "${GPU_LANE_SKIP_BENCH:-0}" = "0" ]; then
   if [ -f benchmarks/run.py ]; then
     step bench 200 $PY benchmarks/run.py --device cuda
@@ -107,7 +110,7 @@ if [ "${GPU_LANE_SKIP_BENCH:-0}" = "0" ]; then
   fi
 fi
 
-# 5. results -------------------------------------------------------------------
+# 6. results -------------------------------------------------------------------
 echo "total $(( $(date +%s) - T0 ))s; failed steps:${FAILED:- none}" | tee -a "$SUMMARY"
 if [ -n "${OUT:-}" ]; then
   # The device tool returns at most 8 files: one tarball with the lane's logs and the

@@ -137,8 +137,8 @@ BATCHED = {
 }
 
 
-def make_nanogpt(name, causal, dtype=torch.float32):
-    kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype)
+def make_nanogpt(name, causal, dtype=torch.float32, head_bucket=16):
+    kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype, head_bucket=head_bucket)
     kw.update(BATCHED[name])
     return tnn.EntangledAttention(**kw)
 
@@ -157,13 +157,16 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
+@pytest.mark.parametrize("head_bucket", [1, 2, 64])  # exact widths / some padding / one call
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", list(BATCHED))
-def test_nanogpt_batched_vs_loop_and_oracle(name, causal, dtype):
+def test_nanogpt_batched_vs_loop_and_oracle(name, causal, dtype, head_bucket):
     """Batched == per-candidate loop == padded-sum oracle (mha written out), forward and
     every gradient (x, q|k|v and proj weights/biases, both arch vectors)."""
-    m = make_nanogpt(name, causal, dtype)
+    m = make_nanogpt(name, causal, dtype, head_bucket)
+    widths = sorted({min(m.head_pad, -(-(e // h) // head_bucket) * head_bucket) for e, h in m._cands})
+    assert [D for _, _, D in m.head_groups] == widths
     assert m.mode == "nanogpt" and m.heads_total == sum(h for _, h in m._cands)
     x = torch.randn(2, 7, m.embed_dim, dtype=dtype, requires_grad=True)
     arch = rand_arch(m.choices, dtype)
@@ -176,8 +179,9 @@ def test_nanogpt_batched_gradcheck_fp64():
     """gradcheck of the batched combine itself w.r.t. q|k|v and mix (head dims 2, 1, 4, 2)
     and of the whole module w.r.t. x and both arch vectors."""
     m = tnn.EntangledAttention(
-        "e", "h", {"e": (4, 8), "h": (2, 4)}, causal=False, dtype=torch.float64
+        "e", "h", {"e": (4, 8), "h": (2, 4)}, causal=False, dtype=torch.float64, head_bucket=2
     )
+    assert len(m.head_groups) == 2  # widths {2, 1 -> 2} and {4}
     qkv = torch.randn(1, 3, 3 * m.inner, dtype=torch.float64, requires_grad=True)
     mix = (torch.rand(len(m._cands), dtype=torch.float64) + 0.3).requires_grad_(True)
     assert torch.autograd.gradcheck(m._forward_partitions, (qkv, mix))
@@ -202,9 +206,18 @@ def sdpa_calls(monkeypatch):
     return calls
 
 
-def test_nanogpt_one_sdpa_call(sdpa_calls):
-    """Soft nanoGPT forward: exactly ONE attention call (the loop makes K_E * K_H), with
-    the module's is_causal / dropout_p and scale=1 (q pre-scaled per head)."""
+def test_nanogpt_one_sdpa_call_per_width_group(sdpa_calls):
+    """Soft nanoGPT forward: one attention call per head-width group (the loop makes
+    K_E * K_H), with the module's is_causal / dropout_p and scale=1 (q pre-scaled per
+    head)."""
+    for bucket, n_calls in ((4, 3), (8, 2), (16, 1)):  # widths 8, 16, 4, 8, 2, 4
+        sdpa_calls.clear()
+        m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, head_bucket=bucket)
+        m(torch.randn(1, 3, 16), rand_arch(m.choices))
+        assert len(sdpa_calls) == len(m.head_groups) == n_calls, bucket
+    with pytest.raises(ValueError, match="head_bucket=0"):
+        tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2)}, head_bucket=0)
+    sdpa_calls.clear()
     m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25)
     x = torch.randn(2, 5, 16)
     arch = rand_arch(m.choices)

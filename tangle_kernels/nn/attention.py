@@ -34,6 +34,8 @@ class EntangledAttention(EntangledModule):
             output projection.
         causal: causal mask (``is_causal`` of ``scaled_dot_product_attention``).
         dropout: attention dropout probability in training.
+        head_bucket: nanoGPT mode: candidate heads whose widths round up to the same
+            multiple of this share one attention call (see below).
 
     Submodules: ``qkv = EntangledLinear(E, inner, out_segments=3)`` (q | k | v stacked,
     each prefix-sliced) and ``proj = EntangledLinear(inner, E)``.
@@ -51,22 +53,23 @@ class EntangledAttention(EntangledModule):
           out = proj(y, arch)
 
       over every (embedding width, head count) candidate ``c = (e, h)``, ``mix`` the
-      outer product of the two arch vectors. It runs as ONE attention call: the heads
-      of all candidates are stacked (candidate ``c`` contributes ``h`` heads of width
-      ``d_c = e / h``, head ``j`` reading columns ``[j d_c, (j+1) d_c)``), giving
-      ``H_tot = sum_c h_c`` heads zero-padded to ``D = max_c d_c``, gathered from
-      q|k|v by one ``index_select``. Zero q columns leave the dot products unchanged;
-      q is pre-scaled per head by ``1 / sqrt(d_c)`` (the call uses ``scale=1``); v is
-      pre-scaled by ``mix_c`` with zero padding, so each head's output is already
-      weighted and zero outside its ``d_c`` columns, and one ``index_add`` sums the
-      head outputs into ``y [B, T, E_max]``. Cost: one attention call over ``H_tot``
-      heads of width ``D``, whose FLOPs scale with ``H_tot * D = sum_c e_c`` (the
-      per-candidate calls' total) ``+ sum_c h_c (D - d_c)`` (the padding), plus one
-      gather and one scatter-add of ``[B, T, H_tot * D]``; the projections stay single
-      superposed GEMMs (nanoGPT ``paper`` preset, embed 384/576/768 x heads 6/8/12:
-      ``H_tot = 78``, ``D = 128``, ``H_tot * D = 1.93 sum_c e_c``).
-      ``_forward_partitions_loop`` keeps the per-candidate form (``K_E * K_H``
-      attention calls) as a reference.
+      outer product of the two arch vectors. The heads of all candidates are stacked
+      (candidate ``c`` contributes ``h`` heads of width ``d_c = e / h``, head ``j``
+      reading columns ``[j d_c, (j+1) d_c)``) and gathered from q|k|v by one
+      ``index_select``; heads whose widths round up to the same multiple of
+      ``head_bucket`` (default 16) share ONE attention call, zero-padded to that
+      width. Zero q columns leave the dot products unchanged; q is pre-scaled per head
+      by ``1 / sqrt(d_c)`` (the calls use ``scale=1``); v is pre-scaled by ``mix_c``
+      with zero padding, so each head's output is already weighted and zero outside
+      its ``d_c`` columns, and one ``index_add`` sums the head outputs into
+      ``y [B, T, E_max]``. Cost: one attention call per width bucket (nanoGPT
+      ``paper`` preset, embed 384/576/768 x heads 6/8/12: 6 calls instead of 9, padded
+      width 5248 vs the candidates' 5184; flash kernels pad head widths to multiples
+      of 32 themselves, so ``head_bucket=32`` gives 4 calls at no extra tensor-core
+      work), plus one gather and one scatter-add of the stacked heads; the
+      projections stay single superposed GEMMs. ``head_bucket >= max_c d_c`` gives a
+      single call. ``_forward_partitions_loop`` keeps the per-candidate form
+      (``K_E * K_H`` attention calls) as a reference.
 
     HardArch: the sub-network (sliced q|k|v GEMM, attention over ``h`` heads of the
     chosen width, sliced output GEMM), output zero-padded to ``E_max``. No arch: the
@@ -85,10 +88,14 @@ class EntangledAttention(EntangledModule):
         proj_bias: bool | None = None,
         causal: bool = False,
         dropout: float = 0.0,
+        head_bucket: int = 16,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if isinstance(head_bucket, bool) or not isinstance(head_bucket, int) or head_bucket < 1:
+            raise ValueError(f"head_bucket={head_bucket!r} must be a positive int")
+        self.head_bucket = head_bucket
         self.embed_spec = WidthSpec(embed_dim, choices, "embed_dim")
         self.heads_spec = WidthSpec(num_heads, choices, "num_heads")
         self.causal, self.dropout = bool(causal), float(dropout)
@@ -138,61 +145,70 @@ class EntangledAttention(EntangledModule):
     def _build_head_tables(self, device) -> None:
         """Index tables of the batched nanoGPT-mode attention (non-persistent buffers).
 
-        ``H_tot = sum_c h_c`` stacked heads of width ``D = max_c d_c``; flat position
-        ``p = i * D + t`` is column ``t`` of stacked head ``i`` (head ``j`` of
-        candidate ``c``), real where ``t < d_c``:
+        The stacked heads are grouped by padded width ``D_g`` (``d_c`` rounded up to a
+        multiple of ``head_bucket``, at most ``max_c d_c``); group ``g`` holds ``H_g``
+        heads and owns the flat positions ``[off_g, off_g + H_g D_g)``, position
+        ``off_g + i D_g + t`` being column ``t`` of its ``i``-th head (head ``j`` of
+        candidate ``c``), real where ``t < d_c``. ``self.head_groups`` lists
+        ``(off_g, H_g, D_g)``; over all ``P = sum_g H_g D_g`` positions:
 
-        - ``_hd_src [3 * H_tot * D]``: the q|k|v column each position reads (q part,
-          then k, then v). Padding reads a real column of its head; it is zeroed by
-          the q and v multipliers (k's padding meets zero q columns).
-        - ``_hd_div [H_tot, D]``: ``d_c`` where real, ``inf`` at padding, so
-          ``rsqrt`` gives the q multiplier ``1/sqrt(d_c)`` or 0.
-        - ``_hd_real [H_tot, D]``: 1 where real, 0 at padding (the v mask).
-        - ``_hd_cand [H_tot]``: the candidate of each stacked head (index into mix).
-        - ``_hd_dst [H_tot * D]``: the output column of each position (``j d_c + t``;
-          0 at padding, whose output is exactly zero).
+        - ``_hd_src [3 P]``: the q|k|v column each position reads (q part, then k,
+          then v). Padding reads a real column of its head; it is zeroed by the q and
+          v multipliers (k's padding meets zero q columns).
+        - ``_hd_div [P]``: ``d_c`` where real, ``inf`` at padding, so ``rsqrt`` gives
+          the q multiplier ``1/sqrt(d_c)`` or 0.
+        - ``_hd_real [P]``: 1 where real, 0 at padding (the v mask).
+        - ``_hd_cand [P]``: the candidate of each position (index into mix).
+        - ``_hd_dst [P]``: the output column of each position (``j d_c + t``; 0 at
+          padding, whose output is exactly zero).
         """
         E = self.inner  # = E_max: q | k | v each E_max wide
-        D = max(e // h for e, h in self._cands)
-        src, div, real, cand, dst = [], [], [], [], []
+        dmax = max(e // h for e, h in self._cands)
+        bucket = self.head_bucket
+        groups: dict[int, list] = {}
         for ci, (e, h) in enumerate(self._cands):
             d = e // h
-            for j in range(h):
-                cols = [j * d + t if t < d else j * d for t in range(D)]
-                src.append(cols)
-                div.append([float(d) if t < d else float("inf") for t in range(D)])
-                real.append([1.0 if t < d else 0.0 for t in range(D)])
-                cand.append(ci)
-                dst.append([j * d + t if t < d else 0 for t in range(D)])
-        s = torch.tensor(src, dtype=torch.long, device=device).flatten()
-        self.heads_total, self.head_pad = len(cand), D
+            width = min(dmax, -(-d // bucket) * bucket)
+            groups.setdefault(width, []).extend((ci, d, j) for j in range(h))
+        src, div, real, cand, dst, self.head_groups = [], [], [], [], [], []
+        for D in sorted(groups):
+            self.head_groups.append((len(src), len(groups[D]), D))
+            for ci, d, j in groups[D]:
+                for t in range(D):
+                    ok = t < d
+                    src.append(j * d + t if ok else j * d)
+                    div.append(float(d) if ok else float("inf"))
+                    real.append(1.0 if ok else 0.0)
+                    cand.append(ci)
+                    dst.append(j * d + t if ok else 0)
+        self.heads_total = sum(H for _, H, _ in self.head_groups)
+        self.head_pad = dmax
+        s = torch.tensor(src, dtype=torch.long, device=device)
         self.register_buffer("_hd_src", torch.cat([s, s + E, s + 2 * E]), persistent=False)
         self.register_buffer("_hd_div", torch.tensor(div, device=device), persistent=False)
         self.register_buffer("_hd_real", torch.tensor(real, device=device), persistent=False)
-        self.register_buffer(
-            "_hd_cand", torch.tensor(cand, dtype=torch.long, device=device), persistent=False
-        )
-        self.register_buffer(
-            "_hd_dst",
-            torch.tensor(dst, dtype=torch.long, device=device).flatten(),
-            persistent=False,
-        )
+        self.register_buffer("_hd_cand", torch.tensor(cand, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_hd_dst", torch.tensor(dst, dtype=torch.long, device=device), persistent=False)
 
     def _forward_partitions(self, qkv: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """nanoGPT mode, soft arch: ``sum_c mix_c * pad(attend(q[:e_c], k[:e_c], v[:e_c],
-        h_c))`` as ONE attention call over the stacked heads of all candidates (see the
-        class docstring). ``qkv [B, T, 3 E_max]``, ``mix [K]`` -> ``y [B, T, E_max]``."""
+        h_c))`` with one attention call per head-width group over the stacked heads of
+        all candidates (see the class docstring). ``qkv [B, T, 3 E_max]``, ``mix [K]``
+        -> ``y [B, T, E_max]``."""
         B, T, _ = qkv.shape
-        Ht, D = self.heads_total, self.head_pad
         dt = qkv.dtype
-        g = qkv.index_select(-1, self._hd_src).view(B, T, 3, Ht, D)
-        q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # [B, Ht, T, D] views
-        q = q * self._hd_div.to(dt).rsqrt()[:, None]  # [Ht, 1, D]
-        vm = mix.to(dt).index_select(0, self._hd_cand)[:, None] * self._hd_real.to(dt)
-        v = v * vm[:, None]
+        P = self._hd_dst.numel()
+        g = qkv.index_select(-1, self._hd_src).view(B, T, 3, P)
+        q = g[:, :, 0] * self._hd_div.to(dt).rsqrt()
+        k = g[:, :, 1]
+        v = g[:, :, 2] * (mix.to(dt).index_select(0, self._hd_cand) * self._hd_real.to(dt))
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, scale=1.0)
-        o = o.transpose(1, 2).reshape(B, T, Ht * D)
+        outs = []
+        for off, H, D in self.head_groups:
+            qg, kg, vg = (t[..., off:off + H * D].view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=p, is_causal=self.causal, scale=1.0)
+            outs.append(o.transpose(1, 2).reshape(B, T, H * D))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         # In place on a fresh zero tensor (no clone); the gradient flows to ``o``.
         return qkv.new_zeros(B, T, self.embed_dim).index_add_(-1, self._hd_dst, o)
 

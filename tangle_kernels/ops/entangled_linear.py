@@ -6,15 +6,19 @@ dimension (dim 0, :func:`bias_layout`).
 Two paths, chosen by ``backend``:
 
 - ``"triton"`` (fused; the automatic choice for CUDA tensors when triton imports):
-  ``tangle::entangled_linear_fwd`` is a Triton GEMM that scales each W tile by the
-  mask ``T[cell]`` while loading it, so ``W_mix`` is never written; its backward
-  ``tangle::entangled_linear_bwd`` computes ``dx = dy @ W_mix`` (mask applied on load
-  again) and ``G = dy^T @ x`` whose epilogue writes ``dW = G * T[cell]`` and reduces
-  ``P[c] = sum_cell G * W`` (d mix = B^T P through the autograd of ``T``), i.e. one
-  GEMM per output plus no extra weight-sized pass. The bias is superposed by
-  ``superpose`` (a vector) and added in the forward epilogue; ``d b_mix = dy.sum(0)``.
-  Supports float32/float16/bfloat16 (float32 only under ``TRITON_INTERPRET=1``);
-  float64 falls back to the unfused path with the automatic choice.
+  Triton GEMMs in which ``W_mix`` is never written. The mask is piecewise constant
+  along each GEMM's reduction dimension, so it is applied to the accumulator: the
+  main loop runs over the maximal runs of one mask group as a plain pipelined GEMM
+  and scales each run's partial tile by the run's mask column (see
+  backends/triton_linear.py). Backward: ``dx = dy @ W_mix`` the same way over the
+  row runs, and ``G = dy^T @ x`` whose epilogue writes ``dW = G * T[cell]`` and
+  reduces ``P[c] = sum_cell G * W`` (``d mix = B^T P``): one GEMM per output and no
+  extra weight-sized pass. The bias is superposed by ``superpose`` (a vector) and
+  added in the forward epilogue; ``d b_mix = dy.sum(0)``. Eager calls go through one
+  ``torch.autograd.Function``; under ``torch.compile`` the custom ops
+  ``tangle::entangled_linear_fwd`` / ``_bwd``. Supports float32/float16/bfloat16
+  (float32 only under ``TRITON_INTERPRET=1``); float64 falls back to the unfused
+  path with the automatic choice.
 - any other backend name (``"cpu"``, ``"torch"``, ``"cuda"``, ``"reference"``):
   ``superpose`` with that backend + ``F.linear`` (cuBLAS / MKL). On CPU this is the
   automatic choice: the GEMM dominates and the mask costs one weight-sized pass.
@@ -167,11 +171,16 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True for the fused Triton path. An explicit ``backend="triton"`` (argument or
-    environment) with a dtype it cannot run raises; the automatic choice falls back."""
-    explicit = backend is not None or bool(os.environ.get(backends.ENV_VAR))
-    name = backends.resolve(backend, weight.device)
-    if name != "triton":
+    """True for the fused Triton path. Explicit ``backend="triton"`` (argument or
+    environment) with a dtype it cannot run raises; another explicit name means the
+    unfused path with that superpose backend. Automatic: fused on CUDA whenever the
+    triton backend can run there (whatever the automatic superpose backend is),
+    unfused otherwise."""
+    explicit = backend if backend is not None else (os.environ.get(backends.ENV_VAR) or None)
+    if explicit is not None:
+        if backends.resolve(backend, weight.device) != "triton":
+            return False
+    elif weight.device.type != "cuda" or backends.why_unavailable("triton", weight.device) is not None:
         return False
     from ..backends import triton_linear
 
@@ -183,7 +192,7 @@ def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bo
         why = f"dtype {dt} under TRITON_INTERPRET=1 (float32 only)"
     if why is None:
         return True
-    if explicit:
+    if explicit is not None:
         raise TypeError(f"weight: the fused triton linear cannot run {why}")
     return False
 
@@ -237,7 +246,7 @@ def entangled_linear(
         raise TypeError(f"x: dtype {x.dtype} != weight dtype {weight.dtype}")
     b_mix = None
     if bias is not None:
-        b_mix = superpose(bias, mix, bias_layout(layout), backend="triton")
+        b_mix = superpose(bias, mix, bias_layout(layout), backend=backend)
     x2d = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
         t = layout.cell_values(mix, torch.float32)
