@@ -203,8 +203,10 @@ def markdown(meta: dict, records: list[dict], tgts: list[dict], *, level: int = 
         f"{meta['threads']} CPU threads; timer: {meta['timer']}; peak memory: {meta['mem_method']} "
         f"(peak bytes allocated during one call on top of what was live before). "
         f"Ratios `x` = the other's time / ours (> 1: faster); `mem` = our peak / the other's. "
-        f"Run took {meta['wall_s']:.0f} s. Raw records: `{meta['json']}`.",
+        f"Run took {meta['wall_s']:.0f} s. Raw records: `{meta['json']}`."
+        + (f" Code: commit `{meta['commit']}`." if meta.get("commit") else ""),
         "",
+        *([f"> {meta['note']}", ""] if meta.get("note") else []),
         f"{h}# Targets",
         "",
         _table(["target", "measured", "verdict"],
@@ -317,6 +319,23 @@ def readme_body(results_dir: Path, current: Path | None = None) -> str:
 
 
 # ---------------------------------------------------------------------- run
+def _git_commit() -> str | None:
+    """The measured code: short commit, ``+dirty`` with uncommitted changes (None
+    outside a git checkout)."""
+    import subprocess
+
+    try:
+        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=10)
+        if c.returncode != 0:
+            return None
+        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=10)
+        return c.stdout.strip() + ("+dirty" if d.stdout.strip() else "")
+    except Exception:
+        return None
+
+
 def _meta(device: str, profile: str) -> dict:
     import torch
 
@@ -341,7 +360,8 @@ def _meta(device: str, profile: str) -> dict:
         timer = "pytest-benchmark pedantic (perf_counter, median)"
     from benchmarks import memory
 
-    return {"device": device, "device_name": name, "profile": profile, "torch": torch.__version__,
+    return {"device": device, "device_name": name, "profile": profile, "commit": _git_commit(),
+            "torch": torch.__version__,
             "triton": tv, "python": platform.python_version(),
             "threads": int(os.environ.get("TANGLE_BENCH_THREADS") or torch.get_num_threads()),
             "timer": timer, "mem_method": memory.METHOD[device]}
