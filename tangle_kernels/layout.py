@@ -395,10 +395,10 @@ class Layout:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 4:
             raise ValueError(f"shape: a conv weight has rank 4 (O, I, kh, kw), got {shape}")
-        O, I, kh, kw = shape
+        n_out, n_in, kh, kw = shape
         ch = {
-            "out": list(out_channels) if out_channels is not None else [O],
-            "in": list(in_channels) if in_channels is not None else [I],
+            "out": list(out_channels) if out_channels is not None else [n_out],
+            "in": list(in_channels) if in_channels is not None else [n_in],
             "kernel": list(kernel_sizes) if kernel_sizes is not None else [max(kh, kw)],
         }
         if kernel_sizes is None and kh != kw:
@@ -406,8 +406,8 @@ class Layout:
 
         def box(out, in_, kernel):
             return [
-                prefix_range(O, out, what="out_channels"),
-                prefix_range(I, in_, what="in_channels"),
+                prefix_range(n_out, out, what="out_channels"),
+                prefix_range(n_in, in_, what="in_channels"),
                 centered_range(kh, kernel) if kernel_sizes is not None else (0, kh),
                 centered_range(kw, kernel) if kernel_sizes is not None else (0, kw),
             ]

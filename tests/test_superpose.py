@@ -202,7 +202,7 @@ def test_eager_route_equals_custom_op_route(backend, dtype):
     m0 = torch.rand(lay.K, dtype=torch.float32)
     g = torch.randn(lay.shape, dtype=dtype)
     res = []
-    for route in (sp.superpose, lambda w, m, l, backend: sp._superpose_custom_op(w, m, l, backend)):
+    for route in (sp.superpose, lambda w, m, lay_, backend: sp._superpose_custom_op(w, m, lay_, backend)):
         w, m = w0.clone().requires_grad_(True), m0.clone().requires_grad_(True)
         out = route(w, m, lay, backend=backend)
         res.append((out.detach(), *torch.autograd.grad(out, (w, m), g)))

@@ -40,6 +40,7 @@ from .. import backends
 from ..layout import Layout
 from .superpose import _cell_values, superpose
 
+
 def bias_layout(layout: Layout) -> Layout:
     """The layout of the bias that goes with a ``(out, in)`` weight layout.
 
