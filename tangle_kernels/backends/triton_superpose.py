@@ -8,7 +8,8 @@ row/column group tables of the layout,
                P[i, j]   = sum over rowgrp[r] == i, colgrp[c] == j of G[r, c] * W[r, c]
 
 One program owns one ``BLOCK_R x BLOCK_C`` tile: it loads the two group tables for
-its rows and columns, gathers ``T`` per element (a tiny table that stays in L1),
+its rows and columns, gathers ``T`` (one row of it when the tile lies inside one
+row group, the usual case; else one value per element; a tiny table in L1),
 and in the backward pass writes dW and reduces ``G * W`` of the tile per cell in
 the same sweep: first over the rows of each row group present in the tile (a loop
 from the tile's smallest to its largest row group, usually one iteration), then
@@ -91,10 +92,9 @@ def _tile_cell_sums(
 
 
 @triton.jit
-def _tile(pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr,
-          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The tile of program ``pid``: 64-bit row/column indices, the in-bounds masks, the
-    row/column groups and the cell value T of every element (shared by fwd and bwd)."""
+def _tile(pid, n_tiles_c, R, C, rowgrp_ptr, colgrp_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of program ``pid``: 64-bit row/column indices, the in-bounds masks and
+    the row/column groups (shared by fwd and bwd)."""
     pid_r = pid // n_tiles_c
     pid_c = pid % n_tiles_c
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,10 +104,26 @@ def _tile(pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr,
     mask = rmask[:, None] & cmask[None, :]
     rg = tl.load(rowgrp_ptr + rows, mask=rmask, other=0)
     cg = tl.load(colgrp_ptr + cols, mask=cmask, other=0)
-    tv = tl.load(t_ptr + (rg[:, None] * ncg + cg[None, :]), mask=mask, other=0.0)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    return rows64, cols64, rmask, cmask, mask, rg, cg, tv
+    return rows64, cols64, rmask, cmask, mask, rg, cg
+
+
+@triton.jit
+def _scale_by_mask(x, rg, cg, rmask, cmask, mask, t_ptr, ncg):
+    """``x * T[rg, cg]`` (in T's dtype). A tile inside one row group (the usual case:
+    row groups are hundreds of rows) gathers one ``[BLOCK_C]`` row of T instead of
+    one value per element, which keeps the load units free for the stream."""
+    big = 2147483647
+    rg_lo = tl.min(tl.where(rmask, rg, big), axis=0)
+    rg_hi = tl.max(tl.where(rmask, rg, -1), axis=0)
+    if rg_lo == rg_hi:
+        tvc = tl.load(t_ptr + (rg_lo * ncg + cg), mask=cmask, other=0.0)
+        out = x.to(tvc.dtype) * tvc[None, :]
+    else:
+        tv = tl.load(t_ptr + (rg[:, None] * ncg + cg[None, :]), mask=mask, other=0.0)
+        out = x.to(tv.dtype) * tv
+    return out
 
 
 # Sizes that only bound loops or index tables are not specialised on (each distinct
@@ -130,11 +146,11 @@ def _superpose_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows64, cols64, rmask, cmask, mask, rg, cg, tv = _tile(
-        pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr, BLOCK_R, BLOCK_C
+    rows64, cols64, rmask, cmask, mask, rg, cg = _tile(
+        pid, n_tiles_c, R, C, rowgrp_ptr, colgrp_ptr, BLOCK_R, BLOCK_C
     )
     w = tl.load(w_ptr + rows64[:, None] * s_wr + cols64[None, :] * s_wc, mask=mask, other=0.0)
-    out = (w.to(tv.dtype) * tv).to(out_ptr.dtype.element_ty)
+    out = _scale_by_mask(w, rg, cg, rmask, cmask, mask, t_ptr, ncg).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64[:, None] * C + cols64[None, :], out, mask=mask)
 
 
@@ -162,18 +178,15 @@ def _superpose_bwd_kernel(
     GCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows64, cols64, rmask, cmask, mask, rg, cg, tv = _tile(
-        pid, n_tiles_c, R, C, ncg, t_ptr, rowgrp_ptr, colgrp_ptr, BLOCK_R, BLOCK_C
+    rows64, cols64, rmask, cmask, mask, rg, cg = _tile(
+        pid, n_tiles_c, R, C, rowgrp_ptr, colgrp_ptr, BLOCK_R, BLOCK_C
     )
     g = tl.load(g_ptr + rows64[:, None] * s_gr + cols64[None, :] * s_gc, mask=mask, other=0.0)
     w = tl.load(w_ptr + rows64[:, None] * s_wr + cols64[None, :] * s_wc, mask=mask, other=0.0)
-    gt = g.to(tv.dtype)
-    tl.store(
-        dw_ptr + rows64[:, None] * C + cols64[None, :],
-        (gt * tv).to(dw_ptr.dtype.element_ty),
-        mask=mask,
-    )
-    prod = gt * w.to(tv.dtype)  # zero outside the weight (masked loads)
+    dw = _scale_by_mask(g, rg, cg, rmask, cmask, mask, t_ptr, ncg)
+    tl.store(dw_ptr + rows64[:, None] * C + cols64[None, :], dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    acc_ty = t_ptr.dtype.element_ty
+    prod = g.to(acc_ty) * w.to(acc_ty)  # zero outside the weight (masked loads)
 
     if ATOMIC:
         base = p_ptr
