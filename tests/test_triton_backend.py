@@ -308,3 +308,34 @@ def test_fused_linear_torch_compile_fullgraph():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
     for a, r in zip(g1, g2):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)
+
+
+def test_fused_linear_automatic_policy(monkeypatch):
+    """Automatic choice of entangled_linear on CUDA: fused when the GEMM runs on tensor
+    cores (16-bit, or float32 with TF32 allowed), unfused (cuBLAS) for IEEE float32 and
+    float64; CPU tensors never take the fused path automatically. (A stand-in object
+    with a CUDA device: the policy is host-side logic.)"""
+    import importlib
+    from types import SimpleNamespace
+
+    el = importlib.import_module("tangle_kernels.ops.entangled_linear")
+    monkeypatch.delenv("TANGLE_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(el.backends, "why_unavailable", lambda name, dev: None)
+    monkeypatch.setattr(el.backends, "triton_interpret", lambda: False)
+    dev = torch.device("cuda", 0)
+
+    def fused(dtype, tf32):
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            w = SimpleNamespace(device=dev, dtype=dtype)
+            return el._use_fused(None, w, w)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+
+    assert fused(torch.bfloat16, False) and fused(torch.float16, False)
+    assert fused(torch.float32, True)
+    assert not fused(torch.float32, False)
+    assert not fused(torch.float64, True)
+    cpu = torch.zeros(1)
+    assert not el._use_fused(None, cpu, cpu)

@@ -17,8 +17,10 @@ Two paths, chosen by ``backend``:
   added in the forward epilogue; ``d b_mix = dy.sum(0)``. Eager calls go through one
   ``torch.autograd.Function``; under ``torch.compile`` the custom ops
   ``tangle::entangled_linear_fwd`` / ``_bwd``. Supports float32/float16/bfloat16
-  (float32 only under ``TRITON_INTERPRET=1``); float64 falls back to the unfused
-  path with the automatic choice.
+  (float32 only under ``TRITON_INTERPRET=1``). The automatic choice takes the
+  unfused path for float64, and for float32 when TF32 is off
+  (``torch.backends.cuda.matmul.allow_tf32 = False``, PyTorch's default): IEEE
+  float32 dots run on the CUDA cores, where cuBLAS SGEMM is the faster GEMM.
 - any other backend name (``"cpu"``, ``"torch"``, ``"cuda"``, ``"reference"``):
   ``superpose`` with that backend + ``F.linear`` (cuBLAS / MKL). On CPU this is the
   automatic choice: the GEMM dominates and the mask costs one weight-sized pass.
@@ -174,9 +176,10 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for the fused Triton path. Explicit ``backend="triton"`` (argument or
     environment) with a dtype it cannot run raises; another explicit name means the
-    unfused path with that superpose backend. Automatic: fused on CUDA whenever the
-    triton backend can run there (whatever the automatic superpose backend is),
-    unfused otherwise."""
+    unfused path with that superpose backend. Automatic: fused on CUDA when the
+    triton backend can run there (whatever the automatic superpose backend is) and
+    the GEMM runs on tensor cores (16-bit inputs, or float32 with
+    ``torch.backends.cuda.matmul.allow_tf32``); unfused otherwise."""
     explicit = backend if backend is not None else (os.environ.get(backends.ENV_VAR) or None)
     if explicit is not None:
         if backends.resolve(backend, weight.device) != "triton":
@@ -192,6 +195,10 @@ def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bo
     elif backends.triton_interpret() and weight.device.type == "cpu" and dt != torch.float32:
         why = f"dtype {dt} under TRITON_INTERPRET=1 (float32 only)"
     if why is None:
+        if explicit is None and dt == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            # IEEE float32 dots run on the CUDA cores (no TF32 tensor cores): cuBLAS
+            # SGEMM on the superposed weight is the faster automatic choice there.
+            return False
         return True
     if explicit is not None:
         raise TypeError(f"weight: the fused triton linear cannot run {why}")
