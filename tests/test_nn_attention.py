@@ -138,7 +138,8 @@ BATCHED = {
 
 
 def make_nanogpt(name, causal, dtype=torch.float32, head_bucket=16):
-    kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype, head_bucket=head_bucket)
+    kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype, head_bucket=head_bucket,
+              grouped_heads=True)
     kw.update(BATCHED[name])
     return tnn.EntangledAttention(**kw)
 
@@ -179,7 +180,8 @@ def test_nanogpt_batched_gradcheck_fp64():
     """gradcheck of the batched combine itself w.r.t. q|k|v and mix (head dims 2, 1, 4, 2)
     and of the whole module w.r.t. x and both arch vectors."""
     m = tnn.EntangledAttention(
-        "e", "h", {"e": (4, 8), "h": (2, 4)}, causal=False, dtype=torch.float64, head_bucket=2
+        "e", "h", {"e": (4, 8), "h": (2, 4)}, causal=False, dtype=torch.float64, head_bucket=2,
+        grouped_heads=True,
     )
     assert len(m.head_groups) == 2  # widths {2, 1 -> 2} and {4}
     qkv = torch.randn(1, 3, 3 * m.inner, dtype=torch.float64, requires_grad=True)
@@ -212,13 +214,15 @@ def test_nanogpt_one_sdpa_call_per_width_group(sdpa_calls):
     head)."""
     for bucket, n_calls in ((4, 3), (8, 2), (16, 1)):  # widths 8, 16, 4, 8, 2, 4
         sdpa_calls.clear()
-        m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, head_bucket=bucket)
+        m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, head_bucket=bucket,
+                                   grouped_heads=True)
         m(torch.randn(1, 3, 16), rand_arch(m.choices))
         assert len(sdpa_calls) == len(m.head_groups) == n_calls, bucket
     with pytest.raises(ValueError, match="head_bucket=0"):
         tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2)}, head_bucket=0)
     sdpa_calls.clear()
-    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25)
+    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25,
+                               grouped_heads=True)
     x = torch.randn(2, 5, 16)
     arch = rand_arch(m.choices)
     m.eval()
@@ -240,11 +244,28 @@ def test_nanogpt_one_sdpa_call_per_width_group(sdpa_calls):
     assert len(sdpa_calls) == 1
 
 
+def test_nanogpt_grouping_default_by_device(sdpa_calls):
+    """grouped_heads=None: the per-candidate loop on CPU (measured faster there), the
+    grouped calls on CUDA; the two agree."""
+    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)})
+    assert m.grouped_heads is None
+    x = torch.randn(1, 3, 16)
+    arch = rand_arch(m.choices)
+    y = m(x, arch)
+    assert len(sdpa_calls) == 6  # K_E * K_H on CPU
+    m.grouped_heads = True
+    sdpa_calls.clear()
+    torch.testing.assert_close(m(x, arch), y)
+    assert len(sdpa_calls) == len(m.head_groups) == 1
+    with pytest.raises(ValueError, match="grouped_heads='yes'"):
+        tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2)}, grouped_heads="yes")
+
+
 def test_nanogpt_batched_buffers():
     """The index tables are non-persistent buffers: not in the state dict, moved and
     cast with the module; a float32-built module cast to float64 stays exact (the q
     scale is computed from the integer head widths in the input's dtype)."""
-    m = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)})
+    m = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)}, grouped_heads=True)
     assert not [k for k in m.state_dict() if "_hd_" in k]
     assert (m.heads_total, m.head_pad) == (10, 6)
     m2 = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)})
