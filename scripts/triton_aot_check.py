@@ -50,6 +50,7 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     """``args``: name -> ("ptr", "fp16") | ("i32", value) in the kernel's order."""
     sig, attrs, consts = {}, {}, dict(constexprs)
     names = fn.arg_names
+    dns = {names[d] if isinstance(d, int) else d for d in (getattr(fn, "do_not_specialize", None) or ())}
     for i, name in enumerate(names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -58,12 +59,14 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
         if kind == "ptr":
             sig[name] = "*" + v
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in dns:  # the launcher passes these as plain i32, whatever the value
+            sig[name] = "i32"
         elif v == 1:
             sig[name] = "constexpr"
             consts[name] = 1
         else:
             sig[name] = "i32"
-            if v % 16 == 0 and name not in getattr(fn, "do_not_specialize_names", ()):
+            if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(
@@ -71,18 +74,41 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     )
 
 
+def _ptxas_candidates(arch: int) -> list[str]:
+    """Triton's own choice for ``arch`` first, then its bundled binaries, then the system's."""
+    out = []
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        out.append(get_ptxas(arch).path)
+    except Exception:
+        pass
+    nb = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    out += [os.path.join(nb, "ptxas-blackwell"), os.path.join(nb, "ptxas"), "ptxas"]
+    return out
+
+
 def ptxas_info(ptx: str, arch: int) -> dict:
-    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """Registers and spill bytes from ``ptxas -v`` (None where no ptxas accepts the PTX)."""
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
-        open(p, "w").write(ptx)
-        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        r = subprocess.run([exe, "-v", f"--gpu-name={sm}", p, "-o", os.path.join(d, "k.o")],
-                           capture_output=True, text=True)
-    txt = r.stdout + r.stderr
-    regs = re.search(r"Used (\d+) registers", txt)  # absent for sm_90a: see the TTGIR
-    spill = re.search(r"(\d+) bytes spill stores", txt)
-    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None}
+        with open(p, "w") as f:
+            f.write(ptx)
+        for exe in _ptxas_candidates(arch):
+            try:
+                r = subprocess.run([exe, "-v", f"--gpu-name={sm}", p, "-o", os.path.join(d, "k.o")],
+                                   capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if r.returncode != 0:
+                continue
+            txt = r.stdout + r.stderr
+            regs = re.search(r"Used (\d+) registers", txt)
+            spill = re.search(r"(\d+) bytes spill stores", txt)
+            return {"registers": int(regs.group(1)) if regs else None,
+                    "spill_bytes": int(spill.group(1)) if spill else None}
+    return {"registers": None, "spill_bytes": None}
 
 
 def loop_report(ttgir: str) -> dict:
@@ -100,19 +126,19 @@ def linear_cases(M=16384, N=3072, K=768):
         ty, eb = TY[dt], torch.tensor([], dtype=dt).element_size()
         prec = "tf32"
         meta, w, st = TL.fixed_config(M, N, eb)
-        out.append((f"linear_fwd {ty}", TL._linear_fwd_kernel, {
-            "x_ptr": ptr(ty), "w_ptr": ptr(ty), "t_ptr": ptr("fp32"), "rowgrp_ptr": ptr("i32"),
-            "runs_ptr": ptr("i32"), "n_runs": ("i32", 3), "b_ptr": ptr(ty), "y_ptr": ptr(ty),
-            "M": ("i32", M), "N": ("i32", N), "K": ("i32", K), "ncg": ("i32", 3),
-            "s_xm": ("i32", K), "s_xk": ("i32", 1), "s_wn": ("i32", K), "s_wk": ("i32", 1),
+        out.append((f"linear_fwd {ty}", TL._masked_linear_kernel, {
+            "a_ptr": ptr(ty), "b_ptr": ptr(ty), "t_ptr": ptr("fp32"), "tab_ptr": ptr("i32"),
+            "tab_scale": ("i32", 3), "t_stride": ("i32", 1), "runs_ptr": ptr("i32"), "n_runs": ("i32", 3),
+            "bias_ptr": ptr(ty), "out_ptr": ptr(ty), "M": ("i32", M), "N": ("i32", N),
+            "s_am": ("i32", K), "s_ak": ("i32", 1), "s_bk": ("i32", 1), "s_bn": ("i32", K),
         }, {"HAS_BIAS": True, "PREC": prec, "ALIGNED": True, **meta}, (w, st)))
         meta, w, st = TL.fixed_config(M, K, eb)
-        out.append((f"linear_dx {ty}", TL._linear_dx_kernel, {
-            "dy_ptr": ptr(ty), "w_ptr": ptr(ty), "t_ptr": ptr("fp32"), "colgrp_ptr": ptr("i32"),
-            "runs_ptr": ptr("i32"), "n_runs": ("i32", 3), "dx_ptr": ptr(ty),
-            "M": ("i32", M), "N": ("i32", K), "K": ("i32", N), "ncg": ("i32", 3),
-            "s_dm": ("i32", N), "s_dk": ("i32", 1), "s_wk": ("i32", K), "s_wn": ("i32", 1),
-        }, {"PREC": prec, "ALIGNED": True, **meta}, (w, st)))
+        out.append((f"linear_dx {ty}", TL._masked_linear_kernel, {
+            "a_ptr": ptr(ty), "b_ptr": ptr(ty), "t_ptr": ptr("fp32"), "tab_ptr": ptr("i32"),
+            "tab_scale": ("i32", 1), "t_stride": ("i32", 3), "runs_ptr": ptr("i32"), "n_runs": ("i32", 3),
+            "bias_ptr": ptr(ty), "out_ptr": ptr(ty), "M": ("i32", M), "N": ("i32", K),
+            "s_am": ("i32", N), "s_ak": ("i32", 1), "s_bk": ("i32", K), "s_bn": ("i32", 1),
+        }, {"HAS_BIAS": False, "PREC": prec, "ALIGNED": True, **meta}, (w, st)))
         meta, w, st = TL.fixed_config(N, K, eb)
         out.append((f"linear_dw {ty}", TL._linear_dw_kernel, {
             "dy_ptr": ptr(ty), "x_ptr": ptr(ty), "w_ptr": ptr(ty), "t_ptr": ptr("fp32"),

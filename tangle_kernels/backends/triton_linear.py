@@ -134,24 +134,24 @@ def _masked_gemm_runs(
     return acc
 
 
-@triton.jit(do_not_specialize=["ncg", "n_runs"])
-def _linear_fwd_kernel(
-    x_ptr,  # [M, K] input (strides s_xm, s_xk)
-    w_ptr,  # [N, K] max-size weight (strides s_wn, s_wk)
+@triton.jit(do_not_specialize=["tab_scale", "t_stride", "n_runs"])
+def _masked_linear_kernel(
+    a_ptr,  # [M, Kred] left operand (x for y; dy for dx), strides s_am, s_ak
+    b_ptr,  # [Kred, N] right operand (W^T for y; W for dx), strides s_bk, s_bn
     t_ptr,  # [nrg * ncg] float32 cell values
-    rowgrp_ptr,  # [N] int32 row (output-feature) groups
-    runs_ptr,  # [n_runs, 3] int32 column runs (lo, hi, column group) over K
+    tab_ptr,  # [N] int32 group of each output column (rowgrp for y; colgrp for dx)
+    tab_scale,  # T[...] index of output column n and run group j:
+    t_stride,  #   tab[n] * tab_scale + j * t_stride
+    runs_ptr,  # [n_runs, 3] int32 runs (lo, hi, group j) over Kred
     n_runs,
-    b_ptr,  # [N] superposed bias (HAS_BIAS)
-    y_ptr,  # [M, N] output, contiguous
+    bias_ptr,  # [N] superposed bias (HAS_BIAS)
+    out_ptr,  # [M, N] output, contiguous
     M,
     N,
-    K,
-    ncg,
-    s_xm,
-    s_xk,
-    s_wn,
-    s_wk,
+    s_am,
+    s_ak,
+    s_bk,
+    s_bn,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -160,6 +160,9 @@ def _linear_fwd_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    """``out = sum_runs (A[:, run] @ B[run, :]) * T[cell(n, run)] (+ bias)``: the forward
+    (``y = x @ W_mix^T``: runs over input features, T row from rowgrp[n]) and the dx
+    GEMM (``dx = dy @ W_mix``: runs over output features, T column from colgrp[n])."""
     pid_m, pid_n = _pid_grouped(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -167,56 +170,14 @@ def _linear_fwd_kernel(
     nmask = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    trow = tl.load(rowgrp_ptr + rn, mask=nmask, other=0) * ncg  # T[rowgrp[n], j] = t[trow + j]
-    # B = W^T: element (k, n) at w_ptr + n * s_wn + k * s_wk
-    acc = _masked_gemm_runs(x_ptr, s_xm, s_xk, w_ptr, s_wk, s_wn, t_ptr, trow, 1, runs_ptr, n_runs,
+    tbase = tl.load(tab_ptr + rn, mask=nmask, other=0) * tab_scale
+    acc = _masked_gemm_runs(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, t_ptr, tbase, t_stride, runs_ptr, n_runs,
                             rm64, rn64, rmask, nmask, PREC, ALIGNED, BM, BN, BK)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(
-        y_ptr + rm64[:, None] * N + rn64[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=rmask[:, None] & nmask[None, :],
-    )
-
-
-@triton.jit(do_not_specialize=["ncg", "n_runs"])
-def _linear_dx_kernel(
-    dy_ptr,  # [M, K] upstream gradient (K = out features), strides s_dm, s_dk
-    w_ptr,  # [K, N] weight (N = in features), strides s_wk, s_wn
-    t_ptr,
-    colgrp_ptr,  # [N] int32 (input-feature groups)
-    runs_ptr,  # [n_runs, 3] int32 row runs (lo, hi, row group) over K
-    n_runs,
-    dx_ptr,  # [M, N] contiguous
-    M,
-    N,
-    K,
-    ncg,
-    s_dm,
-    s_dk,
-    s_wk,
-    s_wn,
-    PREC: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = _pid_grouped(M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rmask = rm < M
-    nmask = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    cg = tl.load(colgrp_ptr + rn, mask=nmask, other=0)  # T[i, cg[n]] = t[cg + i * ncg]
-    acc = _masked_gemm_runs(dy_ptr, s_dm, s_dk, w_ptr, s_wk, s_wn, t_ptr, cg, ncg, runs_ptr, n_runs,
-                            rm64, rn64, rmask, nmask, PREC, ALIGNED, BM, BN, BK)
-    tl.store(
-        dx_ptr + rm64[:, None] * N + rn64[None, :],
-        acc.to(dx_ptr.dtype.element_ty),
+        out_ptr + rm64[:, None] * N + rn64[None, :],
+        acc.to(out_ptr.dtype.element_ty),
         mask=rmask[:, None] & nmask[None, :],
     )
 
@@ -301,9 +262,11 @@ def _tuned(kind: str):
     """The autotuned variant of a kernel (built on first use)."""
     k = _TUNED.get(kind)
     if k is None:
-        kern = {"fwd": _linear_fwd_kernel, "dx": _linear_dx_kernel, "dw": _linear_dw_kernel}[kind]
-        kw = {"reset_to_zero": ["p_ptr"]} if kind == "dw" else {}
-        k = _TUNED[kind] = triton.autotune(configs=_configs(kind), key=["M", "N", "K"], **kw)(kern)
+        if kind == "dw":
+            k = triton.autotune(configs=_configs(kind), key=["M", "N", "K"], reset_to_zero=["p_ptr"])(_linear_dw_kernel)
+        else:  # fwd and dx: one kernel, two autotuners; s_am = the reduction length here
+            k = triton.autotune(configs=_configs(kind), key=["M", "N", "s_am"])(_masked_linear_kernel)
+        _TUNED[kind] = k
     return k
 
 
@@ -343,10 +306,11 @@ def linear_forward(x2d, weight, t, tabs, bias_mix=None, aligned: bool = False):
     t = t.contiguous()
     b = bias_mix.contiguous() if bias_mix is not None else y
     runs = tabs["runs"]
-    args = (x2d, weight, t, tabs["rowgrp"], runs, runs.shape[0], b, y, M, N, K, t.shape[1],
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1))
+    # B = W^T: element (k, n) at weight[n, k]
+    args = (x2d, weight, t, tabs["rowgrp"], t.shape[1], 1, runs, runs.shape[0], b, y, M, N,
+            x2d.stride(0), x2d.stride(1), weight.stride(1), weight.stride(0))
     kwargs = dict(HAS_BIAS=bias_mix is not None, PREC=_prec(x2d.dtype), ALIGNED=bool(aligned))
-    _launch("fwd", _linear_fwd_kernel, M, N, x2d.element_size(), args, kwargs)
+    _launch("fwd", _masked_linear_kernel, M, N, x2d.element_size(), args, kwargs)
     return y
 
 
@@ -373,10 +337,10 @@ def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None, aligned_r
         return dx.zero_(), dw.zero_(), torch.zeros_like(t)
     rr = tabs["rowruns"]
     _launch(
-        "dx", _linear_dx_kernel, M, K, eb,
-        (dy, weight, t, tabs["colgrp"], rr, rr.shape[0], dx, M, K, N, ncg,
+        "dx", _masked_linear_kernel, M, K, eb,
+        (dy, weight, t, tabs["colgrp"], 1, ncg, rr, rr.shape[0], dx, dx, M, K,
          dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1)),
-        dict(PREC=prec, ALIGNED=bool(aligned_rows)),
+        dict(HAS_BIAS=False, PREC=prec, ALIGNED=bool(aligned_rows)),
     )
     if mode == "atomic":
         dst = torch.zeros(ncells, dtype=torch.float32, device=t.device)
