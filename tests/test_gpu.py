@@ -373,3 +373,61 @@ def test_fused_linear_aligned_runs_gpu(mix_kind):
     for name, a, r in zip(("y", "dx", "dW", "db", "dmix"), (y, *grads), (y_ref, *grads_ref)):
         scale = r.abs().max().item() + 1e-6
         assert (a.double() - r).abs().max().item() <= 1e-4 * scale, name
+
+
+# -------------------------------------------------------------- CUDA graphs
+@pytest.mark.parametrize("det", [False, True])
+def test_cuda_graph_capture_of_a_training_step(det, monkeypatch):
+    """A whole fwd+bwd step (superpose on the cuda/triton backends, the fused linear,
+    d mix through softmax) captured in a CUDA graph and replayed on new inputs equals
+    the eager step: no host syncs, allocations or stream mix-ups inside the ops (the
+    remedy for per-call CPU overhead at small sizes: torch.cuda.graphs or
+    torch.compile(mode="reduce-overhead"))."""
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    monkeypatch.setenv("TANGLE_DETERMINISTIC", "1" if det else "0")
+    torch.manual_seed(0)
+    lin = tk.Layout.grid((192, 128), {"e": [64, 128], "r": [1, 2, 3]}, lambda e, r: [(0, 64 * r), (0, e)])
+    conv = tk.Layout.conv((32, 16, 5, 5), [16, 32], [8, 16], [3, 5])
+    params = {
+        "w": torch.randn(lin.shape, device=DEV) * 0.1, "b": torch.randn(192, device=DEV),
+        "c": torch.randn(conv.shape, device=DEV), "alpha": torch.randn(lin.K, device=DEV),
+        "beta": torch.randn(conv.K, device=DEV),
+    }
+    for p in params.values():
+        p.requires_grad_(True)
+    x = torch.randn(64, 128, device=DEV)
+    img = torch.randn(2, 16, 8, 8, device=DEV)
+
+    def step(P, x, img, backend):
+        y = entangled_linear(x, P["w"], P["b"], torch.softmax(P["alpha"], 0), lin, backend="triton")
+        wc = tk.superpose(P["c"], torch.softmax(P["beta"], 0), conv, backend=backend)
+        loss = y.square().mean() + F.conv2d(img, wc, padding=2).square().mean()
+        loss.backward()
+        return loss
+
+    for backend in _backends():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                for p in params.values():
+                    p.grad = None
+                step(params, x, img, backend)
+        torch.cuda.current_stream().wait_stream(s)
+        for p in params.values():
+            p.grad = None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            loss = step(params, x, img, backend)
+        x.copy_(torch.randn_like(x))
+        img.copy_(torch.randn_like(img))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        ref_loss = step(ref, x.clone(), img.clone(), backend)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+        for k in params:
+            torch.testing.assert_close(params[k].grad, ref[k].grad, rtol=1e-4, atol=1e-5, msg=f"{backend} {k}")
+        for p in params.values():
+            p.grad = None
