@@ -370,3 +370,43 @@ def test_epochs_set_the_number_of_steps_and_eval_every_logs(tmp_path):
     ]
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [1] and "val_loss" in evals[0]
+
+
+# ------------------------------------------------------------------- precision
+def test_precision_modes_bf16_autocast_and_tf32_flags(tmp_path, monkeypatch):
+    """precision=bf16 runs the search, evaluation and retraining forwards under
+    autocast (GEMM outputs in bfloat16) while weights and optimizer states stay
+    float32; tf32 turns the TF32 flags on inside and restores them after; a bad
+    value is refused."""
+    from tangle_kernels.search.engine import precision_context
+
+    space = tiny_space()
+    data = space.make_data("synthetic")
+    seen = []
+    real_loss = space.loss
+
+    def spy(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        out = real_loss(model, batch)
+        return out
+
+    monkeypatch.setattr(space, "loss", spy)
+    s = Search(space, data, tiny_cfg(steps=3, precision="bf16", retrain_steps=2), out=tmp_path, progress=False)
+    res = s.run()
+    assert seen and all(seen)
+    assert all(p.dtype == torch.float32 for p in s.model.parameters())
+    assert len(seen) > 3 * 2  # search steps, evaluations and the retraining
+    assert all(torch.isfinite(torch.tensor(v)) for v in res["scratch"]["val"].values())
+    with precision_context("bf16", "cpu"):
+        y = F.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == torch.bfloat16
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with precision_context("tf32", "cpu"):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    with pytest.raises(SearchError, match="--precision 'fp8'"):
+        tiny_cfg(precision="fp8").check()

@@ -249,3 +249,22 @@ def test_missing_matplotlib_is_reported_once_and_skipped(tmp_path, monkeypatch):
     assert res["plot"] is None and not (tmp_path / "alphas.png").exists()
     assert sum("matplotlib is not installed" in m for m in msgs) == 1
     assert (tmp_path / "arch.json").exists()
+
+
+def test_cli_precision_flag(capsys):
+    """--precision reaches the search settings (search and train parsers); a value
+    outside fp32/tf32/bf16 is an argparse error (exit 2)."""
+    from tangle_kernels.search.cli import _config, build_parser, build_train_parser
+    from tangle_kernels.spaces.nanogpt import NanoGPTSpace
+
+    space = NanoGPTSpace(preset="tiny")
+    for parser in (build_parser(), build_train_parser()):
+        args = parser.parse_args(["--space", "nanogpt", "--precision", "bf16"]
+                                 if parser.prog.endswith("search") else ["arch.json", "--precision", "tf32"])
+        want = "bf16" if parser.prog.endswith("search") else "tf32"
+        assert _config(space, args).precision == want
+    assert _config(space, build_parser().parse_args(["--space", "nanogpt"])).precision == "fp32"
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--precision", "fp8"])
+    assert e.value.code == 2
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -44,6 +44,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:N or auto (default: cpu; under torchrun cuda "
         "becomes cuda:LOCAL_RANK)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default=None,
+        help="fp32 (default); tf32: CUDA matmuls/convolutions on TF32 tensor cores; bf16: "
+        "autocast forward passes in bfloat16 (weights and optimizer states stay float32)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="batch size per process")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the weights")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -242,6 +249,7 @@ def _config(space, args, base: dict | None = None):
         "eval_every": getattr(args, "eval_every", None),
         "eval_batches": getattr(args, "eval_batches", None),
         "retrain_steps": getattr(args, "retrain_steps", None),
+        "precision": getattr(args, "precision", None),
     }
     if getattr(args, "unrolled", False):
         flags["unrolled"] = True

@@ -30,6 +30,7 @@ and the final architecture parameters under ``alphas``) and ``alphas.png``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -103,6 +104,9 @@ class SearchConfig:
     seed: int = 0
     checkpoint_every: int = 100  #: steps between checkpoints (0: only at the end / Ctrl-C)
     log_every: int = 1  #: steps between metrics.jsonl records
+    #: fp32 | tf32 (float32 weights, CUDA matmuls/convolutions on TF32 tensor cores)
+    #: | bf16 (autocast forward in bfloat16; weights, grads and optimizer states float32)
+    precision: str = "fp32"
 
     # Fields that may differ between a checkpoint and the run that resumes it.
     _RESUME_FREE = (
@@ -117,6 +121,7 @@ class SearchConfig:
         "spos_population",
         "spos_eval_batches",
         "epochs",
+        "precision",
     )
 
     def to_dict(self) -> dict:
@@ -162,6 +167,8 @@ class SearchConfig:
                 raise SearchError(f"{n}={getattr(self, n)}: must be >= 0")
         if self.log_every < 1:
             raise SearchError(f"log_every={self.log_every}: must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise SearchError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.w_optimizer not in ("adamw", "sgd"):
             raise SearchError(f"w_optimizer={self.w_optimizer!r}: choose adamw or sgd")
         for n in ("lr", "arch_lr"):
@@ -284,6 +291,34 @@ def unrolled_arch_grad(
             for p, b in zip(params, backup):
                 p.copy_(b)
         set_arch(model, None)
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device):
+    """The numeric mode of the forward passes inside (see ``SearchConfig.precision``):
+    ``tf32`` turns on TF32 for CUDA matmuls and cuDNN convolutions (restored on exit),
+    ``bf16`` enters ``torch.autocast(device.type, dtype=torch.bfloat16)``."""
+    device = torch.device(device)
+    if precision == "fp32":
+        yield
+        return
+    if precision == "tf32":
+        prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+        return
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    raise SearchError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
 
 
 def _eval_batches(data, cfg: SearchConfig, device, n: int | None = None) -> list:
@@ -529,6 +564,11 @@ class Search:
         return self.data.batch(split, self.cfg.batch_size, g, self.device)
 
     def train_step(self, step: int) -> dict:
+        """One search step (arch step, then weight step) in ``cfg.precision``."""
+        with precision_context(self.cfg.precision, self.device):
+            return self._train_step(step)
+
+    def _train_step(self, step: int) -> dict:
         cfg = self.cfg
         lr = cosine_lr(step, self.total, cfg.lr, cfg.lr_min)
         for grp in self.w_opt.param_groups:
@@ -586,9 +626,10 @@ class Search:
         """Metrics of the supernet under the one-hot ``selection`` (inherited weights)."""
         set_arch(self.model, self.space.hard_arch(selection, device=self.device))
         try:
-            return self.space.evaluate(
-                self.model, batches if batches is not None else self.eval_set
-            )
+            with precision_context(self.cfg.precision, self.device):
+                return self.space.evaluate(
+                    self.model, batches if batches is not None else self.eval_set
+                )
         finally:
             set_arch(self.model, None)
 
@@ -724,7 +765,8 @@ class Search:
 
         sup = self.evaluate_selection(selection)
         plain = self.space.extract(self.model, selection).to(self.device)
-        plain_metrics = self.space.evaluate(plain, self.eval_set)
+        with precision_context(self.cfg.precision, self.device):
+            plain_metrics = self.space.evaluate(plain, self.eval_set)
         result: dict[str, Any] = {
             "space": self.space.name,
             "space_config": self.space.config(),
@@ -834,24 +876,25 @@ def train_from_scratch(
     model.train()
     last = float("nan")
     t0 = time.perf_counter()
-    for step in range(steps):
-        lr = cosine_lr(step, steps, cfg.lr, cfg.lr_min)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        torch.manual_seed(derive_seed(seed, step, "scratch-global"))
-        g = _generator(derive_seed(seed, step, "scratch-train"))
-        batch = data.batch("train", cfg.batch_size, g, device)
-        opt.zero_grad(set_to_none=True)
-        loss = space.loss(model, batch)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        last = float(loss.detach())
-        bar.set_postfix_str(f"loss {last:.3f}", refresh=False)
-        bar.update(1)
-    bar.close()
-    metrics = space.evaluate(model, eval_set)
+    with precision_context(cfg.precision, device):
+        for step in range(steps):
+            lr = cosine_lr(step, steps, cfg.lr, cfg.lr_min)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            torch.manual_seed(derive_seed(seed, step, "scratch-global"))
+            g = _generator(derive_seed(seed, step, "scratch-train"))
+            batch = data.batch("train", cfg.batch_size, g, device)
+            opt.zero_grad(set_to_none=True)
+            loss = space.loss(model, batch)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            last = float(loss.detach())
+            bar.set_postfix_str(f"loss {last:.3f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        metrics = space.evaluate(model, eval_set)
     return {
         "steps": steps,
         "val": metrics,
