@@ -12,7 +12,11 @@
 # 10-minute device call) and per-step timeouts.
 #
 # Environment: PYTHON (default python3), TANGLE_CUDA_ARCHS (default 90),
-# GPU_LANE_SKIP_BUILD=1 to reuse an existing build, GPU_LANE_SKIP_BENCH=1.
+# GPU_LANE_SKIP_BUILD=1 to reuse an existing build, GPU_LANE_SKIP_BENCH=1,
+# GPU_LANE_STEPS (default "build info probe tests bench"): the steps to run. The
+# whole lane takes more than one 10-minute device call; split it, e.g.
+#   GPU_LANE_STEPS="build info probe tests" bash scripts/gpu_lane.sh
+#   GPU_LANE_STEPS="build bench" bash scripts/gpu_lane.sh
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -26,6 +30,10 @@ FAILED=""
 T0=$(date +%s)
 
 BUDGET_S=${GPU_LANE_BUDGET_S:-530}  # the whole lane; each step also has its own cap
+STEPS=" ${GPU_LANE_STEPS:-build info probe tests bench} "
+want() { case "$STEPS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+[ "${GPU_LANE_SKIP_BUILD:-0}" = "0" ] || STEPS=${STEPS/ build / }
+[ "${GPU_LANE_SKIP_BENCH:-0}" = "0" ] || STEPS=${STEPS/ bench / }
 
 step() {  # step NAME TIMEOUT_S CMD...: run, log, record, never abort the lane
   local name=$1 limit=$2
@@ -74,23 +82,25 @@ build() {
 }
 export PY
 export -f build
-if [ "${GPU_LANE_SKIP_BUILD:-0}" = "0" ]; then
+if want build; then
   step build 200 build
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. info ----------------------------------------------------------------------
-step info 60 $PY -m tangle_kernels info
+want info && step info 60 $PY -m tangle_kernels info
 
 # 3. the quick probe first (superpose and the fused linear vs their baselines, one
 # table): the numbers survive even if a later step runs out of time.
 unset TRITON_INTERPRET
-step probe 150 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json"
+want probe && step probe 150 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json"
 
 # 4. tests ---------------------------------------------------------------------
 export TANGLE_GPU_LANE=1
-step test_gpu 200 $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests/test_gpu.py
-step test_triton_on_gpu 60 $PY -m pytest -q -p no:cacheprovider -rfEs tests/test_triton_backend.py
+if want tests; then
+  step test_gpu 300 $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests/test_gpu.py
+  step test_triton_on_gpu 90 $PY -m pytest -q -p no:cacheprovider -rfEs tests/test_triton_backend.py
+fi
 # Every other test marked gpu (other modules' GPU tests), whole suite, selected by marker.
 marked_gpu() {  # pytest exits 5 when no test is selected: not a failure here
   $PY -m pytest -q -p no:cacheprovider -rfEs -m gpu tests --ignore=tests/test_gpu.py
@@ -99,12 +109,12 @@ marked_gpu() {  # pytest exits 5 when no test is selected: not a failure here
   return $rc
 }
 export -f marked_gpu
-step test_marked_gpu 60 marked_gpu
+want tests && step test_marked_gpu 60 marked_gpu
 
 # 5. benchmarks ----------------------------------------------------------------
-if [ "${GPU_LANE_SKIP_BENCH:-0}" = "0" ]; then
+if want bench; then
   if [ -f benchmarks/run.py ]; then
-    step bench 200 $PY benchmarks/run.py --device cuda
+    step bench 480 $PY benchmarks/run.py --device cuda
   else
     echo "=== [bench] skipped: benchmarks/run.py not present" | tee -a "$SUMMARY"
   fi
