@@ -201,6 +201,9 @@ def superpose(
     ``mix_k`` makes every element of ``W_mix`` and ``dW`` NaN, exactly like the
     padded-sum formulation, where the zero padding times NaN is NaN (``d mix`` does
     not depend on ``mix`` and stays finite).
+
+    Differentiable once (``torch.autograd``; a double backward raises); ``torch.func``
+    transforms (``grad``, ``vmap``) are not supported.
     """
     _check_inputs(weight, mix, layout)
     name = backends.resolve(backend, weight.device)
