@@ -294,7 +294,7 @@ def linear_forward(x2d, weight, t, tabs, bias_mix=None, aligned: bool = False):
     """``x2d @ (W * T[cell])^T (+ bias_mix)``; x2d ``[M, in]``, weight ``[out, in]``.
 
     ``tabs``: the layout's ``rowgrp`` and column ``runs``; ``aligned``: every column
-    run boundary is a multiple of 16 (:func:`run_alignment`)."""
+    run boundary is a multiple of 16 (``layout.run_alignment``)."""
     check_supported(x2d, weight)
     M, K = x2d.shape
     N = weight.shape[0]
@@ -367,9 +367,3 @@ def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None, aligned_r
         RB = min(max(1 << max(0, ncells - 1).bit_length(), 16), 1024)
         _reduce_partials_kernel[(triton.cdiv(ncells, RB),)](dst, p, dst.shape[0], ncells, BLOCK=RB)
     return dx, dw, p.reshape(nrg, ncg).to(t.dtype)
-
-
-def run_alignment(layout) -> tuple[bool, bool]:
-    """``(columns, rows)``: whether every column / row run boundary of ``layout`` is a
-    multiple of 16 (precomputed by the Layout)."""
-    return layout.run_alignment

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
-from .superpose import _cell_values, superpose
+from .superpose import _cell_values, _mix_grad, superpose
 
 
 def bias_layout(layout: Layout) -> Layout:
@@ -156,9 +156,7 @@ class _FusedLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, t = ctx.saved_tensors
         dx, dw, p = _triton_linear().linear_backward(dy, x2d, weight, t, ctx.tabs, aligned_rows=ctx.aligned[1])
-        dmix = None
-        if ctx.needs_input_grad[2]:
-            dmix = (ctx.B * p.reshape(-1, 1)).sum(dim=0).to(ctx.mix_dtype)
+        dmix = _mix_grad(ctx.B, p, ctx.mix_dtype) if ctx.needs_input_grad[2] else None
         db = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)

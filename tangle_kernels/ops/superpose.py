@@ -131,12 +131,20 @@ def _cell_values(B: torch.Tensor, mix: torch.Tensor, dtype: torch.dtype) -> torc
     return (B * m).sum(dim=1)
 
 
-def _superpose_nograd(weight, mix, layout, name):
+def _mix_grad(B: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``d mix = B^T P`` (multiply + sum, like the autograd of :func:`_cell_values`)."""
+    return (B * p.reshape(-1, 1).to(B.dtype)).sum(dim=0).to(dtype)
+
+
+def _eager_forward(weight, mix, layout, name):
+    """``(W_mix, T, tabs, B)`` of the eager route: the cell values outside autograd,
+    then the backend's forward kernel."""
     tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     tabs = layout.tables(weight.device)
-    t = _cell_values(tabs["B64"] if tdtype == torch.float64 else tabs["B32"], mix, tdtype)
-    out = backends.get(name).forward(weight.reshape(layout.rows, layout.cols), t.view(layout.nrg, layout.ncg), tabs)
-    return out.view(weight.shape)
+    B = tabs["B64"] if tdtype == torch.float64 else tabs["B32"]
+    t = _cell_values(B, mix, tdtype).view(layout.nrg, layout.ncg)
+    out = backends.get(name).forward(weight.reshape(layout.rows, layout.cols), t, tabs)
+    return (out if weight.dim() == 2 else out.view(weight.shape)), t, tabs, B
 
 
 class _SuperposeFn(torch.autograd.Function):
@@ -144,16 +152,11 @@ class _SuperposeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, mix, layout, name):
-        impl = backends.get(name)
-        tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        tabs = layout.tables(weight.device)
-        B = tabs["B64"] if tdtype == torch.float64 else tabs["B32"]
-        t = _cell_values(B, mix, tdtype).view(layout.nrg, layout.ncg)
-        out = impl.forward(weight.reshape(layout.rows, layout.cols), t, tabs)
+        out, t, tabs, B = _eager_forward(weight, mix, layout, name)
         ctx.save_for_backward(weight, t)
-        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = impl, tabs, B, mix.dtype
+        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = backends.get(name), tabs, B, mix.dtype
         ctx.rows, ctx.cols = layout.rows, layout.cols
-        return out if weight.dim() == 2 else out.view(weight.shape)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -162,10 +165,7 @@ class _SuperposeFn(torch.autograd.Function):
         need_w, need_mix = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         shape2d = (ctx.rows, ctx.cols)
         dw, p = ctx.impl.backward(grad.reshape(shape2d), weight.reshape(shape2d), t, ctx.tabs)
-        dmix = None
-        if need_mix:
-            p = p.reshape(-1, 1).to(ctx.B.dtype)
-            dmix = (ctx.B * p).sum(dim=0).to(ctx.mix_dtype)
+        dmix = _mix_grad(ctx.B, p, ctx.mix_dtype) if need_mix else None
         if need_w and weight.dim() != 2:
             dw = dw.view(weight.shape)
         return (dw if need_w else None), dmix, None, None
@@ -212,7 +212,7 @@ def superpose(
     if not torch.compiler.is_compiling():
         if torch.is_grad_enabled() and (weight.requires_grad or mix.requires_grad):
             return _SuperposeFn.apply(weight, mix, layout, name)
-        return _superpose_nograd(weight, mix, layout, name)
+        return _eager_forward(weight, mix, layout, name)[0]
     return _superpose_custom_op(weight, mix, layout, name)
 
 
