@@ -19,9 +19,16 @@
 //    the rows in block order. Bitwise repeatable for a given GPU model (the grid
 //    depends on the SM count).
 //  - atomic mode: atomicAdd into P (one atomic per cell per flush).
+#ifndef TK_CUDA_EMU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define TK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define TK_DYN_SMEM(name) extern __shared__ unsigned char name[]
+#endif
+// Under TK_CUDA_EMU (csrc/cuda/emu/cuda_emu.h, force-included) this file compiles as
+// host C++ and the kernels run on emulated blocks of std::threads (tests).
 
 #include <climits>
 #include <stdexcept>
@@ -54,10 +61,49 @@ template <> struct CV<__nv_bfloat16> {
   __device__ static __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
 };
 
-// VEC elements loaded/stored as one 16-byte (or smaller when VEC == 1) access.
+// VEC elements loaded/stored as one 16-byte access (one element when VEC == 1).
 template <typename S, int VEC> struct alignas(sizeof(S) * VEC) Pack {
   S v[VEC];
 };
+
+// Vector loads and stores of a Pack. nvcc (12.x/13.0) splits a 16-byte store inside
+// these kernels' row loops into 4 scalar STG.E (seen in the sm_90 SASS; the same store
+// in a flat kernel stays STG.E.128), whether written as a Pack, a float4 or a uint4
+// assignment: 4x the store instructions of a streaming kernel. The store is therefore
+// inline PTX st.global.v4; the load compiles to LDG.E.128 as written.
+// tests/test_cuda_sass.py checks both in the SASS.
+template <typename S, int VEC>
+__device__ __forceinline__ Pack<S, VEC> ld_pack(const S* p) {
+  Pack<S, VEC> r;
+  if constexpr (VEC == 1) {
+    r.v[0] = *p;
+  } else {
+    static_assert(sizeof(Pack<S, VEC>) == 16, "vector packs are 16 bytes");
+    // p is 16-byte aligned (the plan checks); a memcpy from p would compile to 16
+    // byte loads, the uint4 load to one LDG.E.128.
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    memcpy(&r, &u, 16);
+  }
+  return r;
+}
+
+template <typename S, int VEC>
+__device__ __forceinline__ void st_pack(S* p, const Pack<S, VEC>& x) {
+  if constexpr (VEC == 1) {
+    *p = x.v[0];
+  } else {
+    static_assert(sizeof(Pack<S, VEC>) == 16, "vector packs are 16 bytes");
+#ifdef TK_CUDA_EMU
+    memcpy(p, &x, 16);
+#else
+    const unsigned* q = reinterpret_cast<const unsigned*>(x.v);
+    // volatile keeps the store; no "memory" clobber, so loads of later rows may still
+    // be issued before it (every pointer of these kernels is __restrict__).
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(q[0]), "r"(q[1]),
+                 "r"(q[2]), "r"(q[3]));
+#endif
+  }
+}
 
 constexpr int kMaxThreads = 256;
 
@@ -153,11 +199,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int v = 0; v < VEC; ++v) tv[v] = A(trow[cg[v]]);
 #pragma unroll 4
       for (int64_t rr = r; rr < re; ++rr) {
-        const P x = *reinterpret_cast<const P*>(w + rr * C + c0);
+        const P x = ld_pack<S, VEC>(w + rr * C + c0);
         P y;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) y.v[v] = CV<S>::st(CV<S>::ld(x.v[v]) * tv[v]);
-        *reinterpret_cast<P*>(out + rr * C + c0) = y;
+        st_pack<S, VEC>(out + rr * C + c0, y);
       }
       r = re;
     }
@@ -172,7 +218,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                int64_t C, int64_t ncg, int64_t ncells, int64_t rt, int strips, int64_t n_tiles,
                int deterministic) {
   using P = Pack<S, VEC>;
-  extern __shared__ unsigned char smem_raw[];
+  TK_DYN_SMEM(smem_raw);
   const int nthr = blockDim.x;
   const int width = nthr * VEC;  // columns of a strip
   TT* s_acc = reinterpret_cast<TT*>(smem_raw);
@@ -228,8 +274,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         for (int v = 0; v < VEC; ++v) tv[v] = trow[cg[v]];
 #pragma unroll 4
         for (int64_t rr = r; rr < re; ++rr) {
-          const P gx = *reinterpret_cast<const P*>(g + rr * C + c0);
-          const P wx = *reinterpret_cast<const P*>(w + rr * C + c0);
+          const P gx = ld_pack<S, VEC>(g + rr * C + c0);
+          const P wx = ld_pack<S, VEC>(w + rr * C + c0);
           P y;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
@@ -237,7 +283,7 @@ __global__ void __launch_bounds__(kMaxThreads)
             y.v[v] = CV<S>::st(gv * tv[v]);
             acc[v] += gv * TT(CV<S>::ld(wx.v[v]));
           }
-          *reinterpret_cast<P*>(dw + rr * C + c0) = y;
+          st_pack<S, VEC>(dw + rr * C + c0, y);
         }
       }
       // Flush the run: per-column sums -> per-cell sums of row group rg.
@@ -281,7 +327,8 @@ __global__ void reduce_partials(const TT* __restrict__ partial, TT* __restrict__
 
 template <typename S, typename TT, int VEC>
 void launch_fwd_vec(const SuperposeArgs& a, const Plan& pl, cudaStream_t st) {
-  fwd_kernel<S, TT, VEC><<<pl.grid, pl.threads, 0, st>>>(
+  auto* kernel = fwd_kernel<S, TT, VEC>;
+  TK_LAUNCH(kernel, pl.grid, pl.threads, 0, st,
       static_cast<const S*>(a.w), static_cast<S*>(a.out), static_cast<const TT*>(a.t), a.rowgrp,
       a.colgrp, a.R, a.C, a.ncg, pl.rt, pl.strips, pl.n_tiles);
   check(cudaGetLastError(), "superpose_forward_cuda");
@@ -300,7 +347,8 @@ template <typename S, typename TT, int VEC>
 void launch_bwd_vec(const SuperposeArgs& a, const Plan& pl, cudaStream_t st) {
   const int64_t ncells = a.nrg * a.ncg;
   const size_t smem = size_t(pl.threads) * VEC * (sizeof(TT) + sizeof(int));
-  bwd_kernel<S, TT, VEC><<<pl.grid, pl.threads, smem, st>>>(
+  auto* kernel = bwd_kernel<S, TT, VEC>;
+  TK_LAUNCH(kernel, pl.grid, pl.threads, smem, st,
       static_cast<const S*>(a.w), static_cast<const S*>(a.g), static_cast<S*>(a.out),
       static_cast<const TT*>(a.t), static_cast<TT*>(a.p), static_cast<TT*>(a.workspace),
       a.rowgrp, a.colgrp, a.R, a.C, a.ncg, ncells, pl.rt, pl.strips, pl.n_tiles,
@@ -329,8 +377,8 @@ void launch_bwd(const SuperposeArgs& a, cudaStream_t st) {
   if (a.deterministic) {
     int64_t nb = (ncells + 255) / 256;
     if (nb > 1024) nb = 1024;
-    reduce_partials<TT><<<int(nb), 256, 0, st>>>(static_cast<const TT*>(a.workspace), p, pl.grid,
-                                                  ncells);
+    auto* kernel = reduce_partials<TT>;
+    TK_LAUNCH(kernel, int(nb), 256, 0, st, static_cast<const TT*>(a.workspace), p, pl.grid, ncells);
     check(cudaGetLastError(), "superpose_backward_cuda reduce");
   }
 }
