@@ -32,16 +32,7 @@ tangle::SuperposeArgs make_args(int dtype, int64_t R, int64_t C, int64_t nrg, in
   TK_CHECK(nrg > 0 && ncg > 0, "nrg and ncg must be positive");
   TK_CHECK(nruns >= 0, "nruns must be non-negative");
   TK_CHECK(R * C == 0 || (w && out && t && rowgrp), "null pointer for weight, out, T or rowgrp");
-  tangle::SuperposeArgs a;
-  a.dtype = dtype;
-  a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
-  a.w = reinterpret_cast<const void*>(w);
-  a.g = reinterpret_cast<const void*>(g);
-  a.out = reinterpret_cast<void*>(out);
-  a.t = reinterpret_cast<const void*>(t);
-  a.p = reinterpret_cast<void*>(p);
-  a.rowgrp = reinterpret_cast<const int32_t*>(rowgrp);
-  a.colgrp = reinterpret_cast<const int32_t*>(colgrp);
+  auto a = tangle::args_from_addresses(dtype, R, C, nrg, ncg, w, g, out, t, p, rowgrp, colgrp);
   a.runs = reinterpret_cast<const int32_t*>(runs);
   a.nruns = nruns;
   return a;

@@ -20,16 +20,7 @@ static SuperposeArgs cuda_args(int dtype, int64_t R, int64_t C, int64_t nrg, int
     throw std::invalid_argument("tangle_kernels._C: bad sizes");
   if (R * C > 0 && (!w || !out))
     throw std::invalid_argument("tangle_kernels._C: null pointer for w or out");
-  SuperposeArgs a;
-  a.dtype = dtype;
-  a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
-  a.w = reinterpret_cast<const void*>(w);
-  a.g = reinterpret_cast<const void*>(g);
-  a.out = reinterpret_cast<void*>(out);
-  a.t = reinterpret_cast<const void*>(t);
-  a.p = reinterpret_cast<void*>(p);
-  a.rowgrp = reinterpret_cast<const int32_t*>(rowgrp);
-  a.colgrp = reinterpret_cast<const int32_t*>(colgrp);
+  auto a = args_from_addresses(dtype, R, C, nrg, ncg, w, g, out, t, p, rowgrp, colgrp);
   a.workspace = reinterpret_cast<void*>(workspace);
   a.workspace_bytes = workspace_bytes;
   a.deterministic = deterministic;

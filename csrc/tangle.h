@@ -37,6 +37,26 @@ struct SuperposeArgs {
                                //   repeatable on a given GPU model), 0 = atomics into P
 };
 
+// The arguments from integer addresses (tensor.data_ptr() as the bindings receive
+// them); the optional tables (runs, workspace) are set by the caller. No checks here:
+// the bindings check what they can see.
+inline SuperposeArgs args_from_addresses(int dtype, int64_t R, int64_t C, int64_t nrg,
+                                         int64_t ncg, uintptr_t w, uintptr_t g, uintptr_t out,
+                                         uintptr_t t, uintptr_t p, uintptr_t rowgrp,
+                                         uintptr_t colgrp) {
+  SuperposeArgs a;
+  a.dtype = dtype;
+  a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
+  a.w = reinterpret_cast<const void*>(w);
+  a.g = reinterpret_cast<const void*>(g);
+  a.out = reinterpret_cast<void*>(out);
+  a.t = reinterpret_cast<const void*>(t);
+  a.p = reinterpret_cast<void*>(p);
+  a.rowgrp = reinterpret_cast<const int32_t*>(rowgrp);
+  a.colgrp = reinterpret_cast<const int32_t*>(colgrp);
+  return a;
+}
+
 // C++ (OpenMP) kernels, always built. Deterministic whatever the thread count.
 void superpose_forward_cpu(const SuperposeArgs& a);
 void superpose_backward_cpu(const SuperposeArgs& a);

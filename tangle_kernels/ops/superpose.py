@@ -132,8 +132,17 @@ def _cell_values(B: torch.Tensor, mix: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def _mix_grad(B: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``d mix = B^T P`` (multiply + sum, like the autograd of :func:`_cell_values`)."""
-    return (B * p.reshape(-1, 1).to(B.dtype)).sum(dim=0).to(dtype)
+    """``d mix = B^T P`` in B's dtype (float32; float64 for float64 weights), then
+    ``dtype``. One ``mv`` (a quarter of the host cost of multiply + sum + casts); under
+    autocast, where ``mv`` may run in half precision, the multiply + sum."""
+    p = p.reshape(-1)
+    if p.dtype != B.dtype:
+        p = p.to(B.dtype)
+    if torch.is_autocast_enabled(B.device.type):
+        g = (B * p.reshape(-1, 1)).sum(dim=0)
+    else:
+        g = torch.mv(B.t(), p)
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def _eager_forward(weight, mix, layout, name):

@@ -20,16 +20,7 @@ tangle::SuperposeArgs make(int dtype, int64_t R, int64_t C, int64_t nrg, int64_t
                            uintptr_t w, uintptr_t g, uintptr_t out, uintptr_t t, uintptr_t p,
                            uintptr_t rowgrp, uintptr_t colgrp, uintptr_t ws, int64_t ws_bytes,
                            int det) {
-  tangle::SuperposeArgs a;
-  a.dtype = dtype;
-  a.R = R; a.C = C; a.nrg = nrg; a.ncg = ncg;
-  a.w = reinterpret_cast<const void*>(w);
-  a.g = reinterpret_cast<const void*>(g);
-  a.out = reinterpret_cast<void*>(out);
-  a.t = reinterpret_cast<const void*>(t);
-  a.p = reinterpret_cast<void*>(p);
-  a.rowgrp = reinterpret_cast<const int32_t*>(rowgrp);
-  a.colgrp = reinterpret_cast<const int32_t*>(colgrp);
+  auto a = tangle::args_from_addresses(dtype, R, C, nrg, ncg, w, g, out, t, p, rowgrp, colgrp);
   a.workspace = reinterpret_cast<void*>(ws);
   a.workspace_bytes = ws_bytes;
   a.deterministic = det;
