@@ -35,6 +35,44 @@ def op_cases():
             ("big_8192x8192_K9", big)]
 
 
+def kernel_rows(dev):
+    """The backend kernels alone (no autograd, no Python op layer, T precomputed):
+    their bandwidth against copy_, to tell the kernels' speed from the per-call host
+    cost in the op rows above. bwd = dW and P (atomic and deterministic)."""
+    from tangle_kernels import backends
+
+    rows = []
+    for name, lay in op_cases():
+        for dtype in (torch.float32, torch.bfloat16):
+            W = torch.randn(lay.rows, lay.cols, device=dev, dtype=dtype)
+            G = torch.randn_like(W)
+            t = lay.cell_values(torch.rand(lay.K, device=dev)).contiguous()
+            tabs = lay.tables(dev)
+            nbytes = W.numel() * W.element_size()
+            dst = torch.empty_like(W)
+            t_copy = bench(lambda: dst.copy_(W))
+            for bname in ("cuda", "triton"):
+                try:
+                    impl = backends.get(bname)
+                    cases = [("fwd", lambda: impl.forward(W, t, tabs), 2)]
+                    if bname == "cuda":
+                        for mode in ("atomic", "deterministic"):
+                            cases.append((f"bwd {mode}", lambda mode=mode: impl.backward(G, W, t, tabs, mode), 3))
+                    else:
+                        cases.append(("bwd", lambda: impl.backward(G, W, t, tabs), 3))
+                    for what, f, n in cases:
+                        f()
+                        ts = bench(f)
+                        rows.append(dict(case=name, dtype=str(dtype), provider=f"kernel {bname} {what}",
+                                         fwd_s=ts, fwdbwd_s=float("nan"), copy_s=t_copy,
+                                         GBps=n * nbytes / ts / 1e9,
+                                         frac_of_copy_bw=(n * nbytes / ts) / (2 * nbytes / t_copy)))
+                except Exception as e:
+                    rows.append(dict(case=name, dtype=str(dtype), provider=f"kernel {bname}",
+                                     error=f"{type(e).__name__}: {e}"[:200]))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -77,6 +115,11 @@ def main():
                                  fwd_bw_frac_of_copy=t_copy / t_f,
                                  fwd_GBps=2 * nbytes / t_f / 1e9,
                                  fwdbwd_GBps=5 * nbytes / t_fb / 1e9))
+    try:
+        rows += kernel_rows(dev)
+    except Exception as e:  # report, never lose the rows above
+        rows.append(dict(case="kernels", dtype="", provider="kernel rows",
+                         error=f"{type(e).__name__}: {e}"[:200]))
     # fused linear vs F.linear (GPT-2 MLP, tokens = 8 x 1024); float32 with TF32 on,
     # as in training runs and the benchmark suites (cuBLAS and the Triton dots alike)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -111,12 +154,13 @@ def main():
                 continue
             rows.append(dict(case="linear_8192x768->3072", dtype=str(dtype), provider=pname,
                              fwd_s=t_f, fwdbwd_s=t_fb))
+    # copy/fwd: copy_ bandwidth fraction reached (op rows: the fwd; kernel rows: that kernel)
     print(f"{'case':28s} {'dtype':15s} {'provider':24s} {'fwd ms':>8s} {'f+b ms':>8s} {'copy/fwd':>8s}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:28s} {r['dtype']:15s} {r['provider']:24s} ERROR {r['error']}")
             continue
-        frac = r.get("fwd_bw_frac_of_copy")
+        frac = r.get("fwd_bw_frac_of_copy", r.get("frac_of_copy_bw"))
         print(f"{r['case']:28s} {r['dtype']:15s} {r['provider']:24s} {r['fwd_s']*1e3:8.3f} "
               f"{r['fwdbwd_s']*1e3:8.3f} {'' if frac is None else f'{frac:8.2f}'}")
     if args.json:
