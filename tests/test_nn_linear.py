@@ -147,3 +147,81 @@ def test_from_module_width_above_max():
         m(torch.randn(2, 8), {"in": torch.ones(3)})
     with pytest.raises(ValueError, match=r"selection\['in'\]=4 is not one of"):
         m.extract({"in": 4, "out": 2})
+
+
+# ---------------------------------------------------------- the unfused eager node
+def _lin_case(bias, seed=0, dtype=torch.float64):
+    import tangle_kernels as tk
+
+    g = torch.Generator().manual_seed(seed)
+    lay = tk.Layout.grid((9, 6), {"e": [2, 4, 6], "r": [3, 9]}, lambda e, r: [(0, r), (0, e)])
+    x = torch.randn(2, 3, 6, generator=g, dtype=dtype)
+    w = torch.randn(9, 6, generator=g, dtype=dtype)
+    b = torch.randn(9, generator=g, dtype=dtype) if bias else None
+    mix = torch.rand(lay.K, generator=g, dtype=dtype)
+    return lay, x, w, b, mix
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("needs", ["all", "x", "w", "mix", "w+mix", "b"])
+def test_unfused_linear_is_one_node_and_matches_the_composition(backend, bias, needs):
+    """entangled_linear's unfused eager path (one autograd node: superpose kernels of W
+    and b + F.linear) equals F.linear(x, superpose(W), superpose(b)) of the reference
+    backend in value and in every gradient that is asked for."""
+    from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
+
+    if backend == "cpu":
+        from tangle_kernels import _ext
+
+        if not _ext.has_cpu_ext():
+            pytest.skip("the C++ extension is not built")
+    import tangle_kernels as tk
+
+    lay, x, w, b, mix = _lin_case(bias)
+    want = {"all": "xwbm", "x": "x", "w": "w", "mix": "m", "w+mix": "wm", "b": "b"}[needs]
+    leaves = {"x": x, "w": w, "b": b, "m": mix}
+    for k, v in leaves.items():
+        if v is not None and k in want:
+            v.requires_grad_(True)
+    ins = [v for k, v in leaves.items() if v is not None and v.requires_grad]
+    y = entangled_linear(x, w, b, mix, lay, backend=backend)
+    if not ins:  # "b" without a bias: nothing needs a gradient, no node
+        assert y.grad_fn is None
+        return
+    assert type(y.grad_fn).__name__ == "_UnfusedLinearFnBackward"
+    ref = torch.nn.functional.linear(
+        x, tk.superpose(w, mix, lay, backend="reference"),
+        None if b is None else tk.superpose(b, mix, bias_layout(lay), backend="reference"))
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, ins, dy)
+    exp = torch.autograd.grad(ref, ins, dy)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_unfused_linear_gradcheck(backend):
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    lay, x, w, b, mix = _lin_case(True)
+    for t in (x, w, b, mix):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, m: entangled_linear(x, w, b, m, lay, backend=backend), (x, w, b, mix))
+
+
+def test_unfused_linear_keeps_the_composition_where_it_must():
+    """Under autocast, with the reference backend and without gradients the unfused
+    path is the plain composition (no custom node)."""
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    lay, x, w, b, mix = _lin_case(True, dtype=torch.float32)
+    w.requires_grad_(True)
+    assert type(entangled_linear(x, w, b, mix, lay, backend="reference").grad_fn).__name__ != "_UnfusedLinearFnBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = entangled_linear(x, w, b, mix, lay, backend="torch")
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_UnfusedLinearFnBackward"
+    with torch.no_grad():
+        assert entangled_linear(x, w, b, mix, lay, backend="torch").grad_fn is None

@@ -23,7 +23,11 @@ Two paths, chosen by ``backend``:
   float32 dots run on the CUDA cores, where cuBLAS SGEMM is the faster GEMM.
 - any other backend name (``"cpu"``, ``"torch"``, ``"cuda"``, ``"reference"``):
   ``superpose`` with that backend + ``F.linear`` (cuBLAS / MKL). On CPU this is the
-  automatic choice: the GEMM dominates and the mask costs one weight-sized pass.
+  automatic choice: the GEMM dominates and the mask costs one weight-sized pass. In
+  eager mode it is one autograd node (:class:`_UnfusedLinearFn`: the superpose
+  kernels of W and b, the GEMMs, and in backward the superpose backward kernels) in
+  place of three; the plain composition under torch.compile, autocast and for the
+  ``reference`` oracle.
 
 Which is faster where: on CPU the unfused path (there is no fused CPU GEMM). On GPU
 the fused path saves writing and re-reading ``W_mix`` (3 weight-sized passes in
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
-from .superpose import _cell_values, _mix_grad, superpose
+from .superpose import _cell_values, _eager_forward, _mix_grad, superpose
 
 
 def bias_layout(layout: Layout) -> Layout:
@@ -163,6 +167,78 @@ class _FusedLinearFn(torch.autograd.Function):
         return dx, dw, dmix, db, None
 
 
+class _UnfusedLinearFn(torch.autograd.Function):
+    """Eager route of the unfused path in ONE autograd node: the superpose kernels of
+    W and b, then ``F.linear``; backward: ``dx = dy W_mix``, ``G = dy^T x``,
+    ``g_b = sum dy``, then the superpose backward kernels of W and b (``dW``, ``db``,
+    ``d mix = B^T P_W + B_b^T P_b``). The same kernels and GEMMs as
+    ``F.linear(x, superpose(W), superpose(b))`` with a third of the autograd nodes,
+    which is most of the per-call cost of a small layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mix, layout, name):
+        w_mix, t, tabs, B = _eager_forward(weight, mix, layout, name)
+        b_mix = tb = None
+        if bias is not None:
+            blay = bias_layout(layout)
+            b_mix, tb, btabs, Bb = _eager_forward(bias, mix, blay, name)
+            ctx.btabs, ctx.Bb, ctx.bshape = btabs, Bb, (blay.rows, blay.cols)
+        ctx.save_for_backward(x, weight, w_mix, t, bias, tb)
+        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = backends.get(name), tabs, B, mix.dtype
+        return F.linear(x, w_mix, b_mix)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, w_mix, t, bias, tb = ctx.saved_tensors
+        need_x, need_w, need_b, need_mix = ctx.needs_input_grad[:4]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = dmix = None
+        if need_x:
+            dx = (dy2 @ w_mix).view(x.shape)
+        if need_w or need_mix:
+            g = dy2.t() @ x.reshape(-1, x.shape[-1])
+            dw, p = ctx.impl.backward(g, weight, t, ctx.tabs)
+            if need_mix:
+                dmix = _mix_grad(ctx.B, p, ctx.mix_dtype)
+        if bias is not None and (need_b or need_mix):
+            gb = dy2.sum(0)
+            db, pb = ctx.impl.backward(gb.view(ctx.bshape), bias.view(ctx.bshape), tb, ctx.btabs)
+            db = db.view(bias.shape)
+            if need_mix:
+                dmix = dmix + _mix_grad(ctx.Bb, pb, ctx.mix_dtype)
+        return dx, (dw if need_w else None), (db if need_b else None), dmix, None, None
+
+
+def _unfused(x, weight, bias, mix, layout, backend):
+    """``F.linear(x, superpose(W), superpose(b))``: one autograd node in eager mode
+    (:class:`_UnfusedLinearFn`), the composition under torch.compile, with the
+    reference backend (the oracle) and under autocast (where ``F.linear``'s own casts
+    and saved tensors define the numerics)."""
+    from .superpose import _check_inputs
+
+    _check_inputs(weight, mix, layout)
+    name = backends.resolve(backend, weight.device)
+    simple = (
+        name != "reference"
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(weight.device.type)
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == weight.dtype)
+    )
+    if simple and torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (x, weight, bias, mix)
+    ):
+        if bias is not None:
+            _check_inputs(bias, mix, bias_layout(layout))
+        return _UnfusedLinearFn.apply(x, weight, bias, mix, layout, name)
+    w_mix = superpose(weight, mix, layout, backend=backend)
+    b_mix = None
+    if bias is not None:
+        b_mix = superpose(bias, mix, bias_layout(layout), backend=backend)
+    return F.linear(x, w_mix, b_mix)
+
+
 # ------------------------------------------------------------------ public op
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     dev = weight.device.type
@@ -235,11 +311,7 @@ def entangled_linear(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not _use_fused(backend, x, weight):
-        w_mix = superpose(weight, mix, layout, backend=backend)
-        b_mix = None
-        if bias is not None:
-            b_mix = superpose(bias, mix, bias_layout(layout), backend=backend)
-        return F.linear(x, w_mix, b_mix)
+        return _unfused(x, weight, bias, mix, layout, backend)
 
     from .superpose import _check_inputs
 
