@@ -169,7 +169,8 @@ class _FusedLinearFn(torch.autograd.Function):
 
 class _UnfusedLinearFn(torch.autograd.Function):
     """Eager route of the unfused path in ONE autograd node: the superpose kernels of
-    W and b, then ``F.linear``; backward: ``dx = dy W_mix``, ``G = dy^T x``,
+    W and b, then ``F.linear``; backward: ``dx = dy W_mix`` (W_mix recomputed),
+    ``G = dy^T x``,
     ``g_b = sum dy``, then the superpose backward kernels of W and b (``dW``, ``db``,
     ``d mix = B^T P_W + B_b^T P_b``). The same kernels and GEMMs as
     ``F.linear(x, superpose(W), superpose(b))`` with a third of the autograd nodes,
@@ -183,19 +184,25 @@ class _UnfusedLinearFn(torch.autograd.Function):
             blay = bias_layout(layout)
             b_mix, tb, btabs, Bb = _eager_forward(bias, mix, blay, name)
             ctx.btabs, ctx.Bb, ctx.bshape = btabs, Bb, (blay.rows, blay.cols)
-        ctx.save_for_backward(x, weight, w_mix, t, bias, tb)
+        # W_mix is not saved: backward recomputes it for dx (one weight-sized pass, ~1%
+        # of the layer's GEMMs), so no layer holds a superposed copy of its weight from
+        # its forward to its backward (F.linear on superpose's output would).
+        ctx.save_for_backward(x, weight, t, bias, tb)
         ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = backends.get(name), tabs, B, mix.dtype
+        ctx.shape2d = (layout.rows, layout.cols)
         return F.linear(x, w_mix, b_mix)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, w_mix, t, bias, tb = ctx.saved_tensors
+        x, weight, t, bias, tb = ctx.saved_tensors
         need_x, need_w, need_b, need_mix = ctx.needs_input_grad[:4]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = dmix = None
         if need_x:
+            w_mix = ctx.impl.forward(weight.reshape(ctx.shape2d), t, ctx.tabs).view(weight.shape)
             dx = (dy2 @ w_mix).view(x.shape)
+            del w_mix
         if need_w or need_mix:
             g = dy2.t() @ x.reshape(-1, x.shape[-1])
             dw, p = ctx.impl.backward(g, weight, t, ctx.tabs)
