@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _ext
 from .layout import Layout, centered_range, prefix_range
+from .ops.entangled_conv import entangled_conv2d
 from .ops.entangled_linear import entangled_linear
 from .ops.superpose import superpose
 
@@ -18,6 +19,7 @@ __all__ = [
     "Layout",
     "superpose",
     "entangled_linear",
+    "entangled_conv2d",
     "prefix_range",
     "centered_range",
     "entangle",

@@ -254,3 +254,76 @@ def test_bn_compile_and_errors():
         tnn.EntangledBatchNorm2d.from_module(
             torch.nn.BatchNorm2d(3), {"c": (2, 4)}, num_features="c"
         )
+
+
+# ------------------------------------------------------ entangled_conv2d (one node)
+def _conv_case(bias_kind, groups, dtype=torch.float64, seed=0):
+    import tangle_kernels as tk
+
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = 6, 6
+    lay = tk.Layout.conv((cout, cin // groups, 5, 5), [2, 4, 6], [cin // groups] if groups > 1 else [2, 6], [3, 5]) \
+        if groups == 1 else tk.Layout.grid((cout, 1, 5, 5), {"o": [2, 4, 6], "k": [3, 5]},
+                                          lambda o, k: [(0, o), (0, 1), ((5 - k) // 2, (5 + k) // 2), ((5 - k) // 2, (5 + k) // 2)])
+    x = torch.randn(2, cin, 7, 8, generator=g, dtype=dtype)
+    w = torch.randn(*lay.shape, generator=g, dtype=dtype)
+    mix = torch.rand(lay.K, generator=g, dtype=dtype)
+    b = bmix = blay = None
+    if bias_kind != "none":
+        b = torch.randn(cout, generator=g, dtype=dtype)
+    if bias_kind == "mixed":
+        blay = tk.Layout.prefix((cout,), [[2, 4, 6]])
+        bmix = torch.rand(blay.K, generator=g, dtype=dtype)
+    return lay, x, w, b, mix, bmix, blay
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("bias_kind", ["none", "fixed", "mixed"])
+@pytest.mark.parametrize("groups,stride,dilation", [(1, 1, 1), (1, 2, 1), (6, 1, 2)])
+@pytest.mark.parametrize("needs", ["all", "x", "w+mix", "b+bmix"])
+def test_entangled_conv2d_matches_the_composition(backend, bias_kind, groups, stride, dilation, needs):
+    """One autograd node (W_mix recomputed in backward) == F.conv2d on the reference
+    superposes, in value and in every gradient asked for."""
+    import tangle_kernels as tk
+    from tangle_kernels import _ext
+
+    if backend == "cpu" and not _ext.has_cpu_ext():
+        pytest.skip("the C++ extension is not built")
+    lay, x, w, b, mix, bmix, blay = _conv_case(bias_kind, groups)
+    want = {"all": "xwbmn", "x": "x", "w+mix": "wm", "b+bmix": "bn"}[needs]
+    leaves = {"x": x, "w": w, "b": b, "m": mix, "n": bmix}
+    for k, v in leaves.items():
+        if v is not None and k in want:
+            v.requires_grad_(True)
+    ins = [v for v in leaves.values() if v is not None and v.requires_grad]
+    pad = dilation * 2
+    kw = dict(stride=stride, padding=pad, dilation=dilation, groups=groups)
+    y = tk.entangled_conv2d(x, w, b, mix, lay, bias_mix=bmix, bias_layout=blay, backend=backend, **kw)
+    if not ins:
+        assert y.grad_fn is None
+        return
+    assert type(y.grad_fn).__name__ == "_ConvFnBackward"
+    wr = tk.superpose(w, mix, lay, backend="reference")
+    br = b if blay is None else tk.superpose(b, bmix, blay, backend="reference")
+    ref = torch.nn.functional.conv2d(x, wr, br, stride, pad, dilation, groups)
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, ins, dy), torch.autograd.grad(ref, ins, dy)):
+        torch.testing.assert_close(a, e)
+
+
+def test_entangled_conv2d_gradcheck_and_errors():
+    import tangle_kernels as tk
+
+    lay, x, w, b, mix, bmix, blay = _conv_case("mixed", 1)
+    for t in (x, w, b, mix, bmix):
+        t.requires_grad_(True)
+    f = lambda x, w, b, m, n: tk.entangled_conv2d(x, w, b, m, lay, bias_mix=n, bias_layout=blay,  # noqa: E731
+                                                  padding=2, backend="cpu")
+    assert torch.autograd.gradcheck(f, (x, w, b, mix, bmix))
+    with pytest.raises(ValueError, match="both or neither"):
+        tk.entangled_conv2d(x, w, b, mix, lay, bias_mix=bmix)
+    with pytest.raises(ValueError, match="pair of ints"):
+        tk.entangled_conv2d(x, w, b, mix, lay, padding="same")
+    with pytest.raises(ValueError, match="4-D"):
+        tk.entangled_conv2d(x, w[0], b, mix, lay)

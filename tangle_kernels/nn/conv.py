@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import Layout, centered_range
+from ..ops.entangled_conv import entangled_conv2d
 from ..ops.superpose import superpose
 from . import plain
 from .arch import HardArch, candidate_mix
@@ -408,7 +409,13 @@ class EntangledConv2d(EntangledModule):
         if isinstance(arch, HardArch):
             return self.forward_hard(x, arch)
         if self.kernel_transform is None:
-            w = superpose(self.weight, self._mix(arch, self.weight_names), self.weight_layout)
+            has_bl = self.bias is not None and self.bias_layout is not None
+            return entangled_conv2d(
+                x, self.weight, self.bias, self._mix(arch, self.weight_names), self.weight_layout,
+                bias_mix=self._mix(arch, self.bias_names) if has_bl else None,
+                bias_layout=self.bias_layout if has_bl else None,
+                stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            )
         else:
             self._vectors(arch, self.weight_names)
             nk = len(self.kernel_values)
