@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
-from .superpose import _check_inputs, _eager_forward, _mix_grad, superpose
+from .superpose import _check_inputs, _eager_forward, _layer_node_route, _mix_grad, superpose
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -125,15 +125,7 @@ def entangled_conv2d(
     if bias_layout is not None:
         _check_inputs(bias, bias_mix, bias_layout)
     name = backends.resolve(backend, weight.device)
-    simple = (
-        name != "reference"
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(weight.device.type)
-        and x.dtype == weight.dtype
-        and (bias is None or bias.dtype == weight.dtype)
-    )
-    leaves = (x, weight, bias, mix, bias_mix)
-    if simple and torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in leaves):
+    if _layer_node_route(name, x, weight, bias, (x, weight, bias, mix, bias_mix)):
         return _ConvFn.apply(x, weight, bias, mix, bias_mix, layout, bias_layout, name, conv)
     w = superpose(weight, mix, layout, backend=backend)
     b = bias

@@ -44,7 +44,14 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
-from .superpose import _cell_values, _eager_forward, _mix_grad, superpose
+from .superpose import (
+    _cell_values,
+    _check_inputs,
+    _eager_forward,
+    _layer_node_route,
+    _mix_grad,
+    superpose,
+)
 
 
 def bias_layout(layout: Layout) -> Layout:
@@ -222,20 +229,9 @@ def _unfused(x, weight, bias, mix, layout, backend):
     (:class:`_UnfusedLinearFn`), the composition under torch.compile, with the
     reference backend (the oracle) and under autocast (where ``F.linear``'s own casts
     and saved tensors define the numerics)."""
-    from .superpose import _check_inputs
-
     _check_inputs(weight, mix, layout)
     name = backends.resolve(backend, weight.device)
-    simple = (
-        name != "reference"
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(weight.device.type)
-        and x.dtype == weight.dtype
-        and (bias is None or bias.dtype == weight.dtype)
-    )
-    if simple and torch.is_grad_enabled() and any(
-        v is not None and v.requires_grad for v in (x, weight, bias, mix)
-    ):
+    if _layer_node_route(name, x, weight, bias, (x, weight, bias, mix)):
         if bias is not None:
             _check_inputs(bias, mix, bias_layout(layout))
         return _UnfusedLinearFn.apply(x, weight, bias, mix, layout, name)
@@ -319,8 +315,6 @@ def entangled_linear(
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not _use_fused(backend, x, weight):
         return _unfused(x, weight, bias, mix, layout, backend)
-
-    from .superpose import _check_inputs
 
     _check_inputs(weight, mix, layout)
     dt = _compute_dtype(x, weight)

@@ -156,6 +156,22 @@ def _eager_forward(weight, mix, layout, name):
     return (out if weight.dim() == 2 else out.view(weight.shape)), t, tabs, B
 
 
+def _layer_node_route(name, x, weight, bias, leaves) -> bool:
+    """True when a layer op (``entangled_linear``'s unfused path, ``entangled_conv2d``)
+    takes its one-autograd-node eager route: a kernel backend (not the ``reference``
+    oracle), not tracing for torch.compile, not under autocast (where the layer's own
+    casts define the numerics), one dtype throughout, and a gradient to compute."""
+    return (
+        name != "reference"
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(weight.device.type)
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == weight.dtype)
+        and torch.is_grad_enabled()
+        and any(v is not None and v.requires_grad for v in leaves)
+    )
+
+
 class _SuperposeFn(torch.autograd.Function):
     """Eager route: ``(weight, mix) -> W_mix``; backward ``(dW, d mix = B^T P)``."""
 
