@@ -15,8 +15,10 @@ Superpose op (``W_mix`` from the max-size weight ``W`` and the candidate mix):
 Layers (linear, conv, attention) use the same providers for their weights and biases,
 plus ``plain``: the max-size ``F.linear`` / ``F.conv2d`` / attention ignoring the mix
 (the limit). Ours for linear layers is
-:func:`tangle_kernels.ops.entangled_linear.entangled_linear` (the fused linear where a
-backend fuses it); conv is ``superpose`` + ``F.conv2d``.
+:func:`tangle_kernels.ops.entangled_linear.entangled_linear` with that backend
+(``ours[triton]``: the fused Triton GEMM; the others: the superpose kernels + the
+GEMMs of ``F.linear``); conv is :func:`tangle_kernels.entangled_conv2d`
+(``superpose`` + ``F.conv2d`` in one autograd node).
 
 ``masksum`` builds its K dense masks once per layout and caches them (as those libraries
 do): the cache is persistent state, not part of the measured peak; the K-sized
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tangle_kernels import backends, superpose
+from tangle_kernels import backends, entangled_conv2d, superpose
 from tangle_kernels.backends.reference import superpose_masksum, superpose_reference
 from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
 
@@ -254,8 +256,14 @@ def layer_fn(case: shapes.LayerCase, provider: str) -> Callable:
         Lb = bias_layout(L)
         g = case.groups
 
-        def conv(x, W, b, mix):
-            return F.conv2d(x, sp(W, mix, L), sp(b, mix, Lb), padding=pad, groups=g)
+        be = backend_of(base)
+        if be is not None:  # ours: the one-node entangled_conv2d with that backend
+            def conv(x, W, b, mix):
+                return entangled_conv2d(x, W, b, mix, L, bias_mix=mix, bias_layout=Lb, padding=pad,
+                                        groups=g, backend=be)
+        else:
+            def conv(x, W, b, mix):
+                return F.conv2d(x, sp(W, mix, L), sp(b, mix, Lb), padding=pad, groups=g)
 
         return conv
     if case.kind == "attention":

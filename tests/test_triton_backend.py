@@ -311,10 +311,11 @@ def test_fused_linear_torch_compile_fullgraph():
 
 
 def test_fused_linear_automatic_policy(monkeypatch):
-    """Automatic choice of entangled_linear on CUDA: fused when the GEMM runs on tensor
-    cores (16-bit, or float32 with TF32 allowed), unfused (cuBLAS) for IEEE float32 and
-    float64; CPU tensors never take the fused path automatically. (A stand-in object
-    with a CUDA device: the policy is host-side logic.)"""
+    """Automatic choice of entangled_linear: unfused (cuBLAS on the superposed weight)
+    by default; with TANGLE_FUSED_LINEAR=1, fused on CUDA when the GEMM runs on tensor
+    cores (16-bit, or float32 with TF32 allowed), unfused for IEEE float32 and float64;
+    CPU tensors never take the fused path automatically. (A stand-in object with a
+    CUDA device: the policy is host-side logic.)"""
     import importlib
     from types import SimpleNamespace
 
@@ -333,6 +334,10 @@ def test_fused_linear_automatic_policy(monkeypatch):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
 
+    monkeypatch.delenv("TANGLE_FUSED_LINEAR", raising=False)
+    for dt, tf32 in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, True)):
+        assert not fused(dt, tf32)
+    monkeypatch.setenv("TANGLE_FUSED_LINEAR", "1")
     assert fused(torch.bfloat16, False) and fused(torch.float16, False)
     assert fused(torch.float32, True)
     assert not fused(torch.float32, False)

@@ -5,7 +5,7 @@ dimension (dim 0, :func:`bias_layout`).
 
 Two paths, chosen by ``backend``:
 
-- ``"triton"`` (fused; the automatic choice for CUDA tensors when triton imports):
+- ``"triton"`` (fused; explicit, or automatic on CUDA with ``TANGLE_FUSED_LINEAR=1``):
   Triton GEMMs in which ``W_mix`` is never written. The mask is piecewise constant
   along each GEMM's reduction dimension, so it is applied to the accumulator: the
   main loop runs over the maximal runs of one mask group as a plain pipelined GEMM
@@ -17,22 +17,31 @@ Two paths, chosen by ``backend``:
   added in the forward epilogue; ``d b_mix = dy.sum(0)``. Eager calls go through one
   ``torch.autograd.Function``; under ``torch.compile`` the custom ops
   ``tangle::entangled_linear_fwd`` / ``_bwd``. Supports float32/float16/bfloat16
-  (float32 only under ``TRITON_INTERPRET=1``). The automatic choice takes the
-  unfused path for float64, and for float32 when TF32 is off
-  (``torch.backends.cuda.matmul.allow_tf32 = False``, PyTorch's default): IEEE
-  float32 dots run on the CUDA cores, where cuBLAS SGEMM is the faster GEMM.
+  (float32 only under ``TRITON_INTERPRET=1``). With ``TANGLE_FUSED_LINEAR=1`` the
+  automatic choice takes it where the GEMM runs on tensor cores (16-bit inputs, or
+  float32 with ``torch.backends.cuda.matmul.allow_tf32``); IEEE float32 dots would
+  run on the CUDA cores, where cuBLAS SGEMM is the faster GEMM.
 - any other backend name (``"cpu"``, ``"torch"``, ``"cuda"``, ``"reference"``):
-  ``superpose`` with that backend + ``F.linear`` (cuBLAS / MKL). On CPU this is the
-  automatic choice: the GEMM dominates and the mask costs one weight-sized pass. In
+  ``superpose`` with that backend + ``F.linear`` (cuBLAS / MKL). The automatic
+  choice on CPU and (unless ``TANGLE_FUSED_LINEAR=1``) on CUDA. In
   eager mode it is one autograd node (:class:`_UnfusedLinearFn`: the superpose
   kernels of W and b, the GEMMs, and in backward the superpose backward kernels) in
   place of three; the plain composition under torch.compile, autocast and for the
   ``reference`` oracle.
 
 Which is faster where: on CPU the unfused path (there is no fused CPU GEMM). On GPU
-the fused path saves writing and re-reading ``W_mix`` (3 weight-sized passes in
-fwd+bwd) and the separate superpose kernels; whether the Triton GEMM matches cuBLAS
-for a shape is measured by the GPU lane (scripts/gpu_lane.sh, benchmarks/results).
+the fused path saves the weight-sized passes of the superpose kernels (W_mix written
+and re-read, W_mix recomputed: 6 weight-sized passes in fwd+bwd, 2-6% of the GEMM
+time of a GPT-2 MLP layer at 8k tokens, float32 to bfloat16), so it can
+only win where its Triton GEMM is within a few percent of cuBLAS, which a per-run
+pipelined main loop with several short runs (3 runs of 3-6 K-tiles in the GPT-2
+space) is unlikely to be. The H100 run of the previous fused kernel was 10.3x the
+F.linear time, and the current one has not yet run on a GPU. So the automatic
+choice on CUDA is the unfused path (cuBLAS GEMMs + the CUDA superpose kernels, which
+have), and the fused GEMM is opt-in: ``backend="triton"``, or
+``TANGLE_FUSED_LINEAR=1`` for the automatic choice. The GPU lane measures both
+(scripts/gpu_probe.py rows ``fused_triton`` and ``superpose_cuda+F.linear``;
+benchmarks ``ours[triton]`` and ``ours[cuda]``).
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from .superpose import (
     _mix_grad,
     superpose,
 )
+
+FUSED_ENV = "TANGLE_FUSED_LINEAR"  # "1": the automatic choice may take the fused GEMM
 
 
 def bias_layout(layout: Layout) -> Layout:
@@ -253,14 +264,16 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for the fused Triton path. Explicit ``backend="triton"`` (argument or
     environment) with a dtype it cannot run raises; another explicit name means the
-    unfused path with that superpose backend. Automatic: fused on CUDA when the
-    triton backend can run there (whatever the automatic superpose backend is) and
-    the GEMM runs on tensor cores (16-bit inputs, or float32 with
-    ``torch.backends.cuda.matmul.allow_tf32``); unfused otherwise."""
+    unfused path with that superpose backend. Automatic: unfused, unless
+    ``TANGLE_FUSED_LINEAR=1``; then fused on CUDA when the triton backend can run
+    there (whatever the automatic superpose backend is) and the GEMM runs on tensor
+    cores (16-bit inputs, or float32 with ``torch.backends.cuda.matmul.allow_tf32``)."""
     explicit = backend if backend is not None else (os.environ.get(backends.ENV_VAR) or None)
     if explicit is not None:
         if backends.resolve(backend, weight.device) != "triton":
             return False
+    elif os.environ.get(FUSED_ENV, "0") in ("", "0"):
+        return False
     elif weight.device.type != "cuda" or backends.why_unavailable("triton", weight.device) is not None:
         return False
     from ..backends import triton_linear
@@ -300,7 +313,8 @@ def entangled_linear(
         mix: ``[K]`` candidate weights (gradients flow to it).
         backend: ``"triton"`` = the fused GEMM (mask applied on load, d mix from the dW
             GEMM's epilogue); another backend name = ``superpose`` with it + ``F.linear``;
-            None = automatic (fused on CUDA when triton is available, else unfused).
+            None = automatic (unfused; fused on CUDA tensor cores with
+            ``TANGLE_FUSED_LINEAR=1``).
 
     Under autocast the fused path casts x, W and the bias to the autocast dtype first
     (as ``F.linear`` would); the mask is still applied in float32.
