@@ -93,7 +93,7 @@ want info && step info 60 $PY -m tangle_kernels info
 # 3. the quick probe first (superpose and the fused linear vs their baselines, one
 # table): the numbers survive even if a later step runs out of time.
 unset TRITON_INTERPRET
-want probe && step probe 150 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json"
+want probe && step probe 200 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json"
 
 # 4. tests ---------------------------------------------------------------------
 export TANGLE_GPU_LANE=1
