@@ -33,6 +33,8 @@ def info() -> dict:
     """What this installation can run: the compiled extension (CPU, CUDA and its
     archs), a CUDA device, triton (and interpreter mode), the torch version, and
     the backend chosen automatically per device."""
+    import os
+
     import torch
 
     from . import backends
@@ -61,6 +63,13 @@ def info() -> dict:
     for dev in devs:
         avail[dev.type] = {n: (backends.why_unavailable(n, dev) or "ok") for n in backends.BACKENDS}
     d["backends"] = avail
+    from .ops.entangled_linear import FUSED_ENV
+
+    fused = os.environ.get(FUSED_ENV, "0") not in ("", "0")
+    d["entangled_linear"] = (
+        "automatic: fused Triton GEMM on CUDA tensor cores (TANGLE_FUSED_LINEAR=1), else superpose + F.linear"
+        if fused else "automatic: superpose + F.linear (fused Triton GEMM: backend='triton' or TANGLE_FUSED_LINEAR=1)"
+    )
     return d
 
 
