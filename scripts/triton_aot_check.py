@@ -111,11 +111,30 @@ def ptxas_info(ptx: str, arch: int) -> dict:
     return {"registers": None, "spill_bytes": None}
 
 
+def _dot_loop_depth(ttgir: str) -> int | None:
+    """How many ``scf.for`` loops enclose the (first) tensor-core op: 1 = one main loop
+    (the pipeline never refills), 2 = a loop nested in another (refills per outer step)."""
+    stack = []
+    for line in ttgir.splitlines():
+        t = line.strip()
+        if re.search(r"warp_group_dot |ttg?\.dot ", t):
+            return stack.count("for")
+        if t.startswith("}") and not t.endswith("{"):
+            if stack:
+                stack.pop()
+        elif t.endswith("{"):
+            if t.startswith("}"):  # "} else {": same region depth
+                continue
+            stack.append("for" if "scf.for" in t else "other")
+    return None
+
+
 def loop_report(ttgir: str) -> dict:
     return {
         "tensor_core_ops": ttgir.count("warp_group_dot ") + len(re.findall(r"ttg?\.dot ", ttgir)),
         "wgmma": ttgir.count("warp_group_dot "),
         "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
+        "dot_loop_depth": _dot_loop_depth(ttgir),
     }
 
 
@@ -126,19 +145,25 @@ def linear_cases(M=16384, N=3072, K=768):
         ty, eb = TY[dt], torch.tensor([], dtype=dt).element_size()
         prec = "tf32"
         meta, w, st = TL.fixed_config(M, N, eb)
-        out.append((f"linear_fwd {ty}", TL._masked_linear_kernel, {
+        fwd_args = {
             "a_ptr": ptr(ty), "b_ptr": ptr(ty), "t_ptr": ptr("fp32"), "tab_ptr": ptr("i32"),
             "tab_scale": ("i32", 3), "t_stride": ("i32", 1), "runs_ptr": ptr("i32"), "n_runs": ("i32", 3),
-            "bias_ptr": ptr(ty), "out_ptr": ptr(ty), "M": ("i32", M), "N": ("i32", N),
+            "kgrp_ptr": ptr("i32"), "Kred": ("i32", K), "bias_ptr": ptr(ty), "out_ptr": ptr(ty), "M": ("i32", M), "N": ("i32", N),
             "s_am": ("i32", K), "s_ak": ("i32", 1), "s_bk": ("i32", 1), "s_bn": ("i32", K),
-        }, {"HAS_BIAS": True, "PREC": prec, "ALIGNED": True, **meta}, (w, st)))
+        }
+        # FLAT: one main loop over all K tiles (the GPT-2 layouts' run starts are
+        # multiples of 64); "runs": the per-run loop of layouts that are not aligned
+        for flat in (True, False):
+            name = f"linear_fwd {ty}" if flat else f"linear_fwd_runs {ty}"
+            out.append((name, TL._masked_linear_kernel, fwd_args,
+                        {"HAS_BIAS": True, "PREC": prec, "ALIGNED": True, "FLAT": flat, **meta}, (w, st)))
         meta, w, st = TL.fixed_config(M, K, eb)
         out.append((f"linear_dx {ty}", TL._masked_linear_kernel, {
             "a_ptr": ptr(ty), "b_ptr": ptr(ty), "t_ptr": ptr("fp32"), "tab_ptr": ptr("i32"),
             "tab_scale": ("i32", 1), "t_stride": ("i32", 3), "runs_ptr": ptr("i32"), "n_runs": ("i32", 3),
-            "bias_ptr": ptr(ty), "out_ptr": ptr(ty), "M": ("i32", M), "N": ("i32", K),
+            "kgrp_ptr": ptr("i32"), "Kred": ("i32", N), "bias_ptr": ptr(ty), "out_ptr": ptr(ty), "M": ("i32", M), "N": ("i32", K),
             "s_am": ("i32", N), "s_ak": ("i32", 1), "s_bk": ("i32", K), "s_bn": ("i32", 1),
-        }, {"HAS_BIAS": False, "PREC": prec, "ALIGNED": True, **meta}, (w, st)))
+        }, {"HAS_BIAS": False, "PREC": prec, "ALIGNED": True, "FLAT": True, **meta}, (w, st)))
         meta, w, st = TL.fixed_config(N, K, eb)
         out.append((f"linear_dw {ty}", TL._linear_dw_kernel, {
             "dy_ptr": ptr(ty), "x_ptr": ptr(ty), "w_ptr": ptr(ty), "t_ptr": ptr("fp32"),
@@ -194,13 +219,16 @@ def main(argv=None) -> int:
                 rec.update(ptxas_info(cc.asm["ptx"], arch))
                 gemm = name.startswith("linear")
                 rec["ok"] = (not gemm) or (rec["tensor_core_ops"] > 0 and rec["async_copies"] > 0)
+                if name.startswith(("linear_fwd ", "linear_dx ")):  # FLAT: one main loop
+                    rec["ok"] = rec["ok"] and rec["dot_loop_depth"] == 1
             except Exception as e:  # report every kernel, then fail
                 rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
             bad += not rec["ok"]
             rows.append(rec)
             extra = rec.get("error") or (
                 f"tensor-core ops {rec['tensor_core_ops']} (wgmma {rec['wgmma']}), async copies "
-                f"{rec['async_copies']}, regs {rec['registers']}, spills {rec['spill_bytes']} B, "
+                f"{rec['async_copies']}, dot loop depth {rec['dot_loop_depth']}, regs {rec['registers']}, "
+                f"spills {rec['spill_bytes']} B, "
                 f"smem {rec['shared_bytes']} B")
             print(f"sm_{arch} {name:20s} {'ok ' if rec['ok'] else 'BAD'} tile {rec['tile']} "
                   f"w{nw}/s{ns}: {extra}", flush=True)

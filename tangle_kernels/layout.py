@@ -53,6 +53,15 @@ def centered_range(size: int, k: int, *, what: str = "kernel size") -> Range:
     return (lo, lo + k)
 
 
+def _pow2_align(values, cap: int = 128) -> int:
+    """The largest power of two <= ``cap`` that divides every value (``cap`` for none)."""
+    a = cap
+    for v in np.asarray(values, dtype=np.int64).tolist():
+        while a > 1 and v % a:
+            a //= 2
+    return a
+
+
 class Layout:
     """K candidate slices of a weight of rank 1 to 4.
 
@@ -188,6 +197,10 @@ class Layout:
         rowruns = np.stack([starts, ends, rowgrp[starts]], axis=1)
         # (columns, rows): every run boundary is a multiple of 16 (fused GEMM vector hints)
         self.run_alignment = (bool((runs[:, :2] % 16 == 0).all()), bool((rowruns[:, :2] % 16 == 0).all()))
+        # (columns, rows): the largest power of two (<= 128) dividing every run START:
+        # a fused GEMM whose K tile divides it never has a tile straddling two runs, so
+        # its main loop can run over all K tiles in one pipeline (triton_linear FLAT).
+        self.run_start_align = (_pow2_align(runs[:, 0]), _pow2_align(rowruns[:, 0]))
 
         self.split = split
         self.cuts = tuple(tuple(int(x) for x in c) for c in cuts)

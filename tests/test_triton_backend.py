@@ -228,6 +228,45 @@ def test_fused_linear_runs_aligned_zero_and_nan_mix():
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).all()
 
 
+@pytest.mark.parametrize("lay", [
+    tk.Layout.prefix((64, 48), [[32, 64], [16, 32, 48]]),
+    tk.Layout.grid((64, 40), {"e": [16, 32, 40], "r": [1, 2]}, lambda e, r: [(0, 32 * r), (0, e)]),
+], ids=["prefix", "grid-tail"])
+def test_fused_linear_flat_pipeline_equals_per_run_loop(lay):
+    """Run starts that are multiples of the K tile: one main loop over all K tiles
+    (FLAT, the pipeline runs across run boundaries) gives the per-run loop's result and
+    the oracle's, with a partial last tile ("grid-tail": K = 40), a one-hot mix (runs
+    masked to exactly 0) and NaN."""
+    from tangle_kernels.backends import triton_linear as TL
+
+    bk = TL.fixed_config(8, 8, 4)[0]["BK"]
+    ca, ra = lay.run_start_align
+    assert ca >= bk and ra >= bk, (lay.run_start_align, bk)
+    tabs = lay.tables(DEV)
+    out_f, in_f = lay.shape
+    x = torch.randn(5, in_f, device=DEV)
+    w = torch.randn(lay.shape, device=DEV)
+    b = torch.randn(out_f, device=DEV)
+    dy = torch.randn(5, out_f, device=DEV)
+    onehot = torch.zeros(lay.K, device=DEV)
+    onehot[0] = 1.0
+    for mix in (torch.rand(lay.K, device=DEV), onehot):
+        t = lay.cell_values(mix)
+        Mx = t.index_select(0, tabs["rowgrp"].long()).index_select(1, tabs["colgrp"].long())
+        y_ref = x.double() @ (w.double() * Mx.double()).t() + b.double()
+        ys = [TL.linear_forward(x, w, t, tabs, b, aligned=lay.run_alignment[0], start_align=a) for a in (ca, 0)]
+        dxs = [TL.linear_backward(dy, x, w, t, dict(tabs), mode="deterministic",
+                                  aligned_rows=lay.run_alignment[1], start_align_rows=a)[0] for a in (ra, 0)]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dxs[0], dxs[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ys[0].double(), y_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dxs[0].double(), dy.double() @ (w.double() * Mx.double()), rtol=1e-4, atol=1e-4)
+    nan = torch.rand(lay.K, device=DEV)
+    nan[-1] = float("nan")
+    y = TL.linear_forward(x, w, lay.cell_values(nan), tabs, b, start_align=ca)
+    assert torch.isnan(y).all()
+
+
 def test_fused_linear_p_modes_deterministic_and_no_bias():
     from tangle_kernels.backends import triton_linear
     from tangle_kernels.ops.entangled_linear import entangled_linear

@@ -14,13 +14,20 @@ The mask is piecewise constant: along the reduction dimension of the forward GEM
 one of the dx GEMM (the output features ``o``) only at its row cuts. So the mask is
 applied to the ACCUMULATOR, not to the operand tiles: the reduction runs over the
 maximal runs of one column group (``tabs["runs"]``; row runs ``tabs["rowruns"]`` for
-dx), each run is a plain tiled GEMM main loop (operands straight from memory to the
-tensor cores, pipelined like any Triton matmul), and at the end of a run the partial
-tile is scaled by the run's mask column ``T[rowgrp[o], j]`` (a ``[BN]`` vector)
-and added to the output accumulator. A run whose mask values are all exactly 0 on
-the tile is skipped (a candidate-free region costs nothing). When every run boundary
-is a multiple of 16 (widths such as 192/384/768) the kernels are told so
-(``tl.multiple_of``), which keeps 16-byte vector loads; otherwise a generic variant.
+dx), and at the end of a run the partial tile is scaled by the run's mask column
+``T[rowgrp[o], j]`` (a ``[BN]`` vector) and added to the output accumulator. Two
+main loops:
+
+- FLAT (every run starts at a multiple of the K tile, ``layout.run_start_align``;
+  the GPT-2 widths 384/576/768 and their multiples): ONE loop over all K tiles,
+  operands straight from memory to the tensor cores, pipelined across run
+  boundaries; a tile is its run's last where the group of the next tile differs,
+  and only there is the MMA waited for and the partial tile folded in (the pattern
+  of Triton's persistent matmul). ``Kred`` is specialised: a multiple of 16 keeps
+  the loop pipelined (scripts/triton_aot_check.py checks one loop, async copies).
+- otherwise one pipelined GEMM loop per run; a run whose mask values are all
+  exactly 0 on the tile is skipped. When every run boundary is a multiple of 16 the
+  kernels are told so (``tl.multiple_of``), which keeps 16-byte vector loads.
 
 Numerics: the products ``x * W`` are exact-in-fp32 tensor-core products of the
 unmasked operands (TF32 for float32 exactly when PyTorch's
@@ -134,6 +141,44 @@ def _masked_gemm_runs(
     return acc
 
 
+@triton.jit
+def _masked_gemm_flat(
+    a_ptr, s_am, s_ak,  # A [M, Kred]
+    b_ptr, s_bk, s_bn,  # B [Kred, N]
+    t_ptr, tbase, t_stride,
+    kgrp_ptr, Kred,  # [Kred] int32: the mask group of each reduction index
+    rm64, rn64, rmask, nmask,
+    PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """:func:`_masked_gemm_runs` as ONE main loop over all K tiles, for layouts whose run
+    starts are multiples of BK (no tile straddles two runs): the software pipeline runs
+    across run boundaries instead of refilling at each run (the pattern of Triton's
+    persistent matmul: the partial tile is folded into the output accumulator in a
+    branch taken at the last tile of each run, the only place the MMA is waited for).
+    A tile is the last of its run where the group of the next tile's first index
+    differs (runs are maximal runs of one group); every load here depends only on the
+    loop index, which keeps the loop pipelinable."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    part = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, Kred, BK):
+        j = tl.load(kgrp_ptr + k0)
+        j_next = tl.load(kgrp_ptr + k0 + BK, mask=k0 + BK < Kred, other=-1)
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < Kred
+        rk64 = rk.to(tl.int64)
+        a = tl.load(a_ptr + rm64[:, None] * s_am + rk64[None, :] * s_ak,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr + rk64[:, None] * s_bk + rn64[None, :] * s_bn,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        part = tl.dot(a, b, part, input_precision=PREC)
+        if j_next != j:  # the last tile of a run
+            tv = tl.load(t_ptr + (tbase + j * t_stride), mask=nmask, other=0.0)
+            acc += part * tv[None, :]
+            part = tl.zeros([BM, BN], dtype=tl.float32)
+    return acc
+
+
 @triton.jit(do_not_specialize=["tab_scale", "t_stride", "n_runs"])
 def _masked_linear_kernel(
     a_ptr,  # [M, Kred] left operand (x for y; dy for dx), strides s_am, s_ak
@@ -144,6 +189,8 @@ def _masked_linear_kernel(
     t_stride,  #   tab[n] * tab_scale + j * t_stride
     runs_ptr,  # [n_runs, 3] int32 runs (lo, hi, group j) over Kred
     n_runs,
+    kgrp_ptr,  # [Kred] int32 group of each reduction index (FLAT: colgrp for y; rowgrp for dx)
+    Kred,  # the reduction length (FLAT; specialised: a multiple of 16 keeps the loop pipelined)
     bias_ptr,  # [N] superposed bias (HAS_BIAS)
     out_ptr,  # [M, N] output, contiguous
     M,
@@ -155,6 +202,7 @@ def _masked_linear_kernel(
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     ALIGNED: tl.constexpr,
+    FLAT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -171,8 +219,12 @@ def _masked_linear_kernel(
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
     tbase = tl.load(tab_ptr + rn, mask=nmask, other=0) * tab_scale
-    acc = _masked_gemm_runs(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, t_ptr, tbase, t_stride, runs_ptr, n_runs,
-                            rm64, rn64, rmask, nmask, PREC, ALIGNED, BM, BN, BK)
+    if FLAT:
+        acc = _masked_gemm_flat(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, t_ptr, tbase, t_stride, kgrp_ptr,
+                                Kred, rm64, rn64, rmask, nmask, PREC, BM, BN, BK)
+    else:
+        acc = _masked_gemm_runs(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, t_ptr, tbase, t_stride, runs_ptr, n_runs,
+                                rm64, rn64, rmask, nmask, PREC, ALIGNED, BM, BN, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -270,13 +322,20 @@ def _tuned(kind: str):
     return k
 
 
-def _launch(kind: str, kernel, M: int, N: int, elem_bytes: int, args: tuple, kwargs: dict) -> None:
-    """Launch over the ``M x N`` output tiles, fixed heuristic tile or autotuned."""
+def _launch(kind: str, kernel, M: int, N: int, elem_bytes: int, args: tuple, kwargs: dict,
+            start_align: int = 0) -> None:
+    """Launch over the ``M x N`` output tiles, fixed heuristic tile or autotuned.
+    ``start_align`` (fwd / dx): the power of two dividing every run start; the
+    one-pipeline main loop (FLAT) is taken when the K tile divides it."""
     if autotune_enabled():
+        if kind != "dw":
+            kwargs = dict(kwargs, FLAT=start_align >= max(c.kwargs["BK"] for c in _configs(kind)))
         grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
         _tuned(kind)[grid](*args, **kwargs)
         return
     meta, warps, stages = fixed_config(M, N, elem_bytes)
+    if kind != "dw":
+        kwargs = dict(kwargs, FLAT=start_align >= meta["BK"])
     grid = (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
     kernel[grid](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
@@ -290,11 +349,13 @@ def check_supported(x2d: torch.Tensor, weight: torch.Tensor) -> None:
         raise TypeError("the fused triton linear runs only float32 under TRITON_INTERPRET=1")
 
 
-def linear_forward(x2d, weight, t, tabs, bias_mix=None, aligned: bool = False):
+def linear_forward(x2d, weight, t, tabs, bias_mix=None, aligned: bool = False, start_align: int = 0):
     """``x2d @ (W * T[cell])^T (+ bias_mix)``; x2d ``[M, in]``, weight ``[out, in]``.
 
     ``tabs``: the layout's ``rowgrp`` and column ``runs``; ``aligned``: every column
-    run boundary is a multiple of 16 (``layout.run_alignment``)."""
+    run boundary is a multiple of 16 (``layout.run_alignment``); ``start_align``: the
+    power of two dividing every column run start (``layout.run_start_align[0]``; 0 =
+    unknown: the per-run main loop)."""
     check_supported(x2d, weight)
     M, K = x2d.shape
     N = weight.shape[0]
@@ -307,18 +368,20 @@ def linear_forward(x2d, weight, t, tabs, bias_mix=None, aligned: bool = False):
     b = bias_mix.contiguous() if bias_mix is not None else y
     runs = tabs["runs"]
     # B = W^T: element (k, n) at weight[n, k]
-    args = (x2d, weight, t, tabs["rowgrp"], t.shape[1], 1, runs, runs.shape[0], b, y, M, N,
+    args = (x2d, weight, t, tabs["rowgrp"], t.shape[1], 1, runs, runs.shape[0], tabs["colgrp"], K, b, y, M, N,
             x2d.stride(0), x2d.stride(1), weight.stride(1), weight.stride(0))
     kwargs = dict(HAS_BIAS=bias_mix is not None, PREC=_prec(x2d.dtype), ALIGNED=bool(aligned))
-    _launch("fwd", _masked_linear_kernel, M, N, x2d.element_size(), args, kwargs)
+    _launch("fwd", _masked_linear_kernel, M, N, x2d.element_size(), args, kwargs, start_align)
     return y
 
 
-def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None, aligned_rows: bool = False):
+def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None, aligned_rows: bool = False,
+                    start_align_rows: int = 0):
     """``(dx, dW, P)`` of the fused linear (bias gradient is ``dy.sum(0)``, done by the caller).
 
     ``tabs``: ``rowgrp``, ``colgrp`` and the row runs ``rowruns``; ``aligned_rows``:
-    every row run boundary is a multiple of 16."""
+    every row run boundary is a multiple of 16; ``start_align_rows``: the power of two
+    dividing every row run start (``layout.run_start_align[1]``)."""
     check_supported(x2d, weight)
     dy = dy.to(x2d.dtype)
     M, K = x2d.shape  # batch, in
@@ -338,9 +401,9 @@ def linear_backward(dy, x2d, weight, t, tabs, mode: str | None = None, aligned_r
     rr = tabs["rowruns"]
     _launch(
         "dx", _masked_linear_kernel, M, K, eb,
-        (dy, weight, t, tabs["colgrp"], 1, ncg, rr, rr.shape[0], dx, dx, M, K,
+        (dy, weight, t, tabs["colgrp"], 1, ncg, rr, rr.shape[0], tabs["rowgrp"], N, dx, dx, M, K,
          dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1)),
-        dict(HAS_BIAS=False, PREC=prec, ALIGNED=bool(aligned_rows)),
+        dict(HAS_BIAS=False, PREC=prec, ALIGNED=bool(aligned_rows)), start_align_rows,
     )
     if mode == "atomic":
         dst = torch.zeros(ncells, dtype=torch.float32, device=t.device)

@@ -32,11 +32,11 @@ Two paths, chosen by ``backend``:
 Which is faster where: on CPU the unfused path (there is no fused CPU GEMM). On GPU
 the fused path saves the weight-sized passes of the superpose kernels (W_mix written
 and re-read, W_mix recomputed: 6 weight-sized passes in fwd+bwd, 2-6% of the GEMM
-time of a GPT-2 MLP layer at 8k tokens, float32 to bfloat16), so it can
-only win where its Triton GEMM is within a few percent of cuBLAS, which a per-run
-pipelined main loop with several short runs (3 runs of 3-6 K-tiles in the GPT-2
-space) is unlikely to be. The H100 run of the previous fused kernel was 10.3x the
-F.linear time, and the current one has not yet run on a GPU. So the automatic
+time of a GPT-2 MLP layer at 8k tokens, float32 to bfloat16), so it can only win
+where its Triton GEMM is within a few percent of cuBLAS. The H100 run of the previous
+fused kernel was 10.3x the F.linear time, and the current one (one pipelined main
+loop over all K tiles when the runs start at multiples of the K tile) has not yet
+run on a GPU. So the automatic
 choice on CUDA is the unfused path (cuBLAS GEMMs + the CUDA superpose kernels, which
 have), and the fused GEMM is opt-in: ``backend="triton"``, or
 ``TANGLE_FUSED_LINEAR=1`` for the automatic choice. The GPU lane measures both
@@ -166,10 +166,12 @@ class _FusedLinearFn(torch.autograd.Function):
     def forward(ctx, x2d, weight, mix, b_mix, layout):
         tabs = layout.tables(weight.device)
         t = _cell_values(tabs["B32"], mix, torch.float32).view(layout.nrg, layout.ncg)
-        aligned = layout.run_alignment
-        y = _triton_linear().linear_forward(x2d, weight, t, tabs, b_mix, aligned=aligned[0])
+        aligned, starts = layout.run_alignment, layout.run_start_align
+        y = _triton_linear().linear_forward(x2d, weight, t, tabs, b_mix, aligned=aligned[0],
+                                            start_align=starts[0])
         ctx.save_for_backward(x2d, weight, t)
         ctx.tabs, ctx.aligned, ctx.B, ctx.mix_dtype = tabs, aligned, tabs["B32"], mix.dtype
+        ctx.starts = starts
         ctx.bias_dtype = b_mix.dtype if b_mix is not None else None
         return y
 
@@ -177,7 +179,8 @@ class _FusedLinearFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2d, weight, t = ctx.saved_tensors
-        dx, dw, p = _triton_linear().linear_backward(dy, x2d, weight, t, ctx.tabs, aligned_rows=ctx.aligned[1])
+        dx, dw, p = _triton_linear().linear_backward(dy, x2d, weight, t, ctx.tabs, aligned_rows=ctx.aligned[1],
+                                                     start_align_rows=ctx.starts[1])
         dmix = _mix_grad(ctx.B, p, ctx.mix_dtype) if ctx.needs_input_grad[2] else None
         db = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
