@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
-from .superpose import _check_inputs, _eager_forward, _layer_node_route, _mix_grad, superpose
+from .superpose import (
+    _check_inputs,
+    _eager_backward,
+    _eager_forward,
+    _layer_node_route,
+    _recompute,
+    superpose,
+)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -41,17 +48,14 @@ def _pair(v, name: str) -> tuple[int, int]:
 class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mix, bias_mix, layout, bias_layout, name, conv):
-        stride, padding, dilation, groups = conv
-        w_mix, t, tabs, B = _eager_forward(weight, mix, layout, name)
+        w_mix, t, ctx.kern = _eager_forward(weight, mix, layout, name)
         b_mix, tb = bias, None
         if bias is not None and bias_layout is not None:
-            b_mix, tb, btabs, Bb = _eager_forward(bias, bias_mix, bias_layout, name)
-            ctx.btabs, ctx.Bb, ctx.bshape = btabs, Bb, (bias_layout.rows, bias_layout.cols)
+            b_mix, tb, ctx.bkern = _eager_forward(bias, bias_mix, bias_layout, name)
             ctx.bmix_dtype = bias_mix.dtype
-        y = F.conv2d(x, w_mix, b_mix, stride, padding, dilation, groups)
+        y = F.conv2d(x, w_mix, b_mix, *conv)
         ctx.save_for_backward(x, weight, t, bias, tb)
-        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = backends.get(name), tabs, B, mix.dtype
-        ctx.shape2d, ctx.conv = (layout.rows, layout.cols), conv
+        ctx.impl, ctx.mix_dtype, ctx.conv = backends.get(name), mix.dtype, conv
         return y
 
     @staticmethod
@@ -63,24 +67,16 @@ class _ConvFn(torch.autograd.Function):
         has_b = bias is not None
         want_gw = need_w or need_mix
         want_gb = has_b and (need_b or need_bmix)
-        w_mix = ctx.impl.forward(weight.reshape(ctx.shape2d), t, ctx.tabs).view(weight.shape)
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            dy, x, w_mix, [weight.shape[0]] if has_b else None, list(stride), list(padding),
-            list(dilation), False, [0, 0], groups, [need_x, want_gw, want_gb],
+            dy, x, _recompute(ctx.impl, weight, t, ctx.kern), [weight.shape[0]] if has_b else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups, [need_x, want_gw, want_gb],
         )
-        del w_mix
         dw = db = dmix = dbmix = None
         if want_gw:
-            dw, p = ctx.impl.backward(gw.reshape(ctx.shape2d), weight.reshape(ctx.shape2d), t, ctx.tabs)
-            dw = dw.view(weight.shape)
-            if need_mix:
-                dmix = _mix_grad(ctx.B, p, ctx.mix_dtype)
+            dw, dmix = _eager_backward(ctx.impl, gw, weight, t, ctx.kern, ctx.mix_dtype, need_mix)
         if want_gb:
             if tb is not None:
-                db, pb = ctx.impl.backward(gb.view(ctx.bshape), bias.view(ctx.bshape), tb, ctx.btabs)
-                db = db.view(bias.shape)
-                if need_bmix:
-                    dbmix = _mix_grad(ctx.Bb, pb, ctx.bmix_dtype)
+                db, dbmix = _eager_backward(ctx.impl, gb, bias, tb, ctx.bkern, ctx.bmix_dtype, need_bmix)
             else:
                 db = gb
         return (gi if need_x else None), (dw if need_w else None), (db if need_b else None), dmix, dbmix, \

@@ -56,9 +56,11 @@ from ..layout import Layout
 from .superpose import (
     _cell_values,
     _check_inputs,
+    _eager_backward,
     _eager_forward,
     _layer_node_route,
     _mix_grad,
+    _recompute,
     superpose,
 )
 
@@ -199,18 +201,15 @@ class _UnfusedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mix, layout, name):
-        w_mix, t, tabs, B = _eager_forward(weight, mix, layout, name)
+        w_mix, t, ctx.kern = _eager_forward(weight, mix, layout, name)
         b_mix = tb = None
         if bias is not None:
-            blay = bias_layout(layout)
-            b_mix, tb, btabs, Bb = _eager_forward(bias, mix, blay, name)
-            ctx.btabs, ctx.Bb, ctx.bshape = btabs, Bb, (blay.rows, blay.cols)
+            b_mix, tb, ctx.bkern = _eager_forward(bias, mix, bias_layout(layout), name)
         # W_mix is not saved: backward recomputes it for dx (one weight-sized pass, ~1%
         # of the layer's GEMMs), so no layer holds a superposed copy of its weight from
         # its forward to its backward (F.linear on superpose's output would).
         ctx.save_for_backward(x, weight, t, bias, tb)
-        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = backends.get(name), tabs, B, mix.dtype
-        ctx.shape2d = (layout.rows, layout.cols)
+        ctx.impl, ctx.mix_dtype = backends.get(name), mix.dtype
         return F.linear(x, w_mix, b_mix)
 
     @staticmethod
@@ -221,20 +220,14 @@ class _UnfusedLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = dmix = None
         if need_x:
-            w_mix = ctx.impl.forward(weight.reshape(ctx.shape2d), t, ctx.tabs).view(weight.shape)
-            dx = (dy2 @ w_mix).view(x.shape)
-            del w_mix
+            dx = (dy2 @ _recompute(ctx.impl, weight, t, ctx.kern)).view(x.shape)
         if need_w or need_mix:
             g = dy2.t() @ x.reshape(-1, x.shape[-1])
-            dw, p = ctx.impl.backward(g, weight, t, ctx.tabs)
-            if need_mix:
-                dmix = _mix_grad(ctx.B, p, ctx.mix_dtype)
+            dw, dmix = _eager_backward(ctx.impl, g, weight, t, ctx.kern, ctx.mix_dtype, need_mix)
         if bias is not None and (need_b or need_mix):
-            gb = dy2.sum(0)
-            db, pb = ctx.impl.backward(gb.view(ctx.bshape), bias.view(ctx.bshape), tb, ctx.btabs)
-            db = db.view(bias.shape)
+            db, dmix_b = _eager_backward(ctx.impl, dy2.sum(0), bias, tb, ctx.bkern, ctx.mix_dtype, need_mix)
             if need_mix:
-                dmix = dmix + _mix_grad(ctx.Bb, pb, ctx.mix_dtype)
+                dmix = dmix + dmix_b
         return dx, (dw if need_w else None), (db if need_b else None), dmix, None, None
 
 

@@ -146,14 +146,30 @@ def _mix_grad(B: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def _eager_forward(weight, mix, layout, name):
-    """``(W_mix, T, tabs, B)`` of the eager route: the cell values outside autograd,
-    then the backend's forward kernel."""
+    """``(W_mix, T, kern)`` of the eager route: the cell values outside autograd, then
+    the backend's forward kernel. ``kern = (tabs, B, (rows, cols))`` is what the
+    eager backward (:func:`_eager_backward`, :func:`_recompute`) needs besides T."""
     tdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     tabs = layout.tables(weight.device)
     B = tabs["B64"] if tdtype == torch.float64 else tabs["B32"]
     t = _cell_values(B, mix, tdtype).view(layout.nrg, layout.ncg)
-    out = backends.get(name).forward(weight.reshape(layout.rows, layout.cols), t, tabs)
-    return (out if weight.dim() == 2 else out.view(weight.shape)), t, tabs, B
+    shape2d = (layout.rows, layout.cols)
+    out = backends.get(name).forward(weight.reshape(shape2d), t, tabs)
+    return (out if weight.dim() == 2 else out.view(weight.shape)), t, (tabs, B, shape2d)
+
+
+def _recompute(impl, weight, t, kern):
+    """W_mix again (the layer nodes' backward recomputes it instead of saving it)."""
+    tabs, _, shape2d = kern
+    return impl.forward(weight.reshape(shape2d), t, tabs).view(weight.shape)
+
+
+def _eager_backward(impl, grad, weight, t, kern, mix_dtype, need_mix):
+    """``(dW, d mix or None)`` from the upstream gradient of W_mix: the backend's
+    backward kernel on the 2-D views (dW and the per-cell sums P), then ``B^T P``."""
+    tabs, B, shape2d = kern
+    dw, p = impl.backward(grad.reshape(shape2d), weight.reshape(shape2d), t, tabs)
+    return dw.view(weight.shape), (_mix_grad(B, p, mix_dtype) if need_mix else None)
 
 
 def _layer_node_route(name, x, weight, bias, leaves) -> bool:
@@ -177,10 +193,9 @@ class _SuperposeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, mix, layout, name):
-        out, t, tabs, B = _eager_forward(weight, mix, layout, name)
+        out, t, kern = _eager_forward(weight, mix, layout, name)
         ctx.save_for_backward(weight, t)
-        ctx.impl, ctx.tabs, ctx.B, ctx.mix_dtype = backends.get(name), tabs, B, mix.dtype
-        ctx.rows, ctx.cols = layout.rows, layout.cols
+        ctx.impl, ctx.kern, ctx.mix_dtype = backends.get(name), kern, mix.dtype
         return out
 
     @staticmethod
@@ -188,11 +203,7 @@ class _SuperposeFn(torch.autograd.Function):
     def backward(ctx, grad):
         weight, t = ctx.saved_tensors
         need_w, need_mix = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        shape2d = (ctx.rows, ctx.cols)
-        dw, p = ctx.impl.backward(grad.reshape(shape2d), weight.reshape(shape2d), t, ctx.tabs)
-        dmix = _mix_grad(ctx.B, p, ctx.mix_dtype) if need_mix else None
-        if need_w and weight.dim() != 2:
-            dw = dw.view(weight.shape)
+        dw, dmix = _eager_backward(ctx.impl, grad, weight, t, ctx.kern, ctx.mix_dtype, need_mix)
         return (dw if need_w else None), dmix, None, None
 
 
