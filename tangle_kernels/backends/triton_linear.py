@@ -106,6 +106,18 @@ def _pid_grouped(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
 
 
 @triton.jit
+def _load_ab(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, rm64, rn64, rmask, nmask, k0, k_end, BK: tl.constexpr):
+    """The ``[BM, BK]`` tile of A and the ``[BK, BN]`` tile of B at reduction index
+    ``k0`` (indices at or past ``k_end`` read as 0): the operands of one tl.dot."""
+    rk = k0 + tl.arange(0, BK)
+    kmask = rk < k_end
+    rk64 = rk.to(tl.int64)
+    a = tl.load(a_ptr + rm64[:, None] * s_am + rk64[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :], other=0.0)
+    b = tl.load(b_ptr + rk64[:, None] * s_bk + rn64[None, :] * s_bn, mask=kmask[:, None] & nmask[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _masked_gemm_runs(
     a_ptr, s_am, s_ak,  # A [M, Kred]
     b_ptr, s_bk, s_bn,  # B [Kred, N]
@@ -129,13 +141,7 @@ def _masked_gemm_runs(
         if tl.sum((tv != 0.0).to(tl.int32), axis=0) > 0:
             part = tl.zeros([BM, BN], dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BK):
-                rk = k0 + tl.arange(0, BK)
-                kmask = rk < k_hi
-                rk64 = rk.to(tl.int64)
-                a = tl.load(a_ptr + rm64[:, None] * s_am + rk64[None, :] * s_ak,
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptr + rk64[:, None] * s_bk + rn64[None, :] * s_bn,
-                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+                a, b = _load_ab(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, rm64, rn64, rmask, nmask, k0, k_hi, BK)
                 part = tl.dot(a, b, part, input_precision=PREC)
             acc += part * tv[None, :]
     return acc
@@ -164,13 +170,7 @@ def _masked_gemm_flat(
     for k0 in range(0, Kred, BK):
         j = tl.load(kgrp_ptr + k0)
         j_next = tl.load(kgrp_ptr + k0 + BK, mask=k0 + BK < Kred, other=-1)
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < Kred
-        rk64 = rk.to(tl.int64)
-        a = tl.load(a_ptr + rm64[:, None] * s_am + rk64[None, :] * s_ak,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + rk64[:, None] * s_bk + rn64[None, :] * s_bn,
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        a, b = _load_ab(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, rm64, rn64, rmask, nmask, k0, Kred, BK)
         part = tl.dot(a, b, part, input_precision=PREC)
         if j_next != j:  # the last tile of a run
             tv = tl.load(t_ptr + (tbase + j * t_stride), mask=nmask, other=0.0)
@@ -271,12 +271,8 @@ def _linear_dw_kernel(
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
-        rk64 = rk.to(tl.int64)
-        a = tl.load(dy_ptr + rk64[None, :] * s_dk + rm64[:, None] * s_dm, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(x_ptr + rk64[:, None] * s_xk + rn64[None, :] * s_xn, mask=kmask[:, None] & nmask[None, :], other=0.0)
+    for k0 in range(0, K, BK):  # G = dy^T x: A[m, k] = dy[k, m], B[k, n] = x[k, n]
+        a, b = _load_ab(dy_ptr, s_dm, s_dk, x_ptr, s_xk, s_xn, rm64, rn64, rmask, nmask, k0, K, BK)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     # Epilogue: dW = G * T[cell]; P partials of G * W.
     mask = rmask[:, None] & nmask[None, :]
