@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_util import check_compiled_fused_linear, linear_oracle
 
 import tangle_kernels as tk
 from tangle_kernels import _ext
@@ -226,14 +227,6 @@ def test_direct_modes_and_noncontiguous(backend):
 
 
 # -------------------------------------------------------------- fused linear
-def _linear_oracle(x, w, b, mix, lay):
-    from tangle_kernels.ops.entangled_linear import bias_layout
-
-    xs = [t.detach().double().requires_grad_(True) for t in (x, w, b, mix)]
-    y = F.linear(xs[0], superpose_reference(xs[1], xs[3], lay), superpose_reference(xs[2], xs[3], bias_layout(lay)))
-    return y, xs
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(512, 768, 3072), (77, 130, 333)])
 def test_fused_linear_vs_oracle(shape, dtype):
@@ -249,7 +242,7 @@ def test_fused_linear_vs_oracle(shape, dtype):
     b = torch.randn(fout, device=DEV).to(dtype)
     mix = torch.softmax(torch.randn(lay.K, device=DEV), 0)
     dy = torch.randn(n, fout, device=DEV).to(dtype)
-    y_ref, xs = _linear_oracle(x, w, b, mix, lay)
+    y_ref, xs = linear_oracle(x, w, b, mix, lay)
     grads_ref = torch.autograd.grad(y_ref, xs, dy.double())
     ts = [t.detach().clone().requires_grad_(True) for t in (x, w, b, mix)]
     y = entangled_linear(ts[0], ts[1], ts[2], ts[3], lay, backend="triton")
@@ -289,26 +282,7 @@ def test_torch_compile_gpu():
 
 
 def test_torch_compile_fused_linear_gpu():
-    from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
-
-    lay = tk.Layout.prefix((96, 64), [[48, 96], [32, 64]])
-    bias_layout(lay)  # built outside the compiled region, as EntangledLinear does
-    w = torch.randn(lay.shape, device=DEV, requires_grad=True)
-    b = torch.randn(96, device=DEV, requires_grad=True)
-    alpha = torch.randn(lay.K, device=DEV, requires_grad=True)
-    x = torch.randn(8, 64, device=DEV)
-
-    def f(x, w, b, alpha):
-        return entangled_linear(x, w, b, torch.softmax(alpha, 0), lay, backend="triton").square().sum()
-
-    cf = torch.compile(f, fullgraph=True)
-    got = cf(x, w, b, alpha)
-    g1 = torch.autograd.grad(got, (w, b, alpha))
-    ref = f(x, w, b, alpha)
-    g2 = torch.autograd.grad(ref, (w, b, alpha))
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
-    for a, r in zip(g1, g2):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)
+    check_compiled_fused_linear(tk.Layout.prefix((96, 64), [[48, 96], [32, 64]]), DEV)
 
 
 # ----------------------------------------------------------- attention, layers
@@ -360,7 +334,7 @@ def test_fused_linear_aligned_runs_gpu(mix_kind):
         mix = torch.zeros(lay.K, device=DEV)
         mix[4] = 1.0
     dy = torch.randn(300, 1536, device=DEV)
-    y_ref, xs = _linear_oracle(x, w, b, mix, lay)
+    y_ref, xs = linear_oracle(x, w, b, mix, lay)
     grads_ref = torch.autograd.grad(y_ref, xs, dy.double())
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32 dots: tight comparison

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from linear_util import check_compiled_fused_linear, linear_oracle
 
 import tangle_kernels as tk
 from tangle_kernels import backends
@@ -153,16 +154,6 @@ def test_dmix_deterministic(monkeypatch):
 
 
 # ------------------------------------------------------------- fused linear
-def _linear_oracle(x, w, b, mix, lay):
-    import torch.nn.functional as F
-
-    from tangle_kernels.ops.entangled_linear import bias_layout
-
-    rs = [t.detach().double().requires_grad_(True) for t in (x, w, b, mix)]
-    y = F.linear(rs[0], superpose_reference(rs[1], rs[3], lay), superpose_reference(rs[2], rs[3], bias_layout(lay)))
-    return y, rs
-
-
 LINEAR_LAYOUTS = [
     tk.Layout.grid((37, 23), {"e": [5, 11, 23], "r": [1, 2]}, lambda e, r: [(0, min(37, e * r + 3)), (0, e)]),
     tk.Layout.segmented((18, 7), 0, 3, [2, 6], tie=[1]),  # q|k|v blocks
@@ -178,7 +169,7 @@ def check_fused_linear(x, w, b, mix, dy, lay, what):
     ts = [t.clone().requires_grad_(True) for t in (x, w, b, mix)]
     y = entangled_linear(*ts, lay, backend="triton")
     got = (y, *torch.autograd.grad(y, ts, dy))
-    y_ref, rs = _linear_oracle(x, w, b, mix, lay)
+    y_ref, rs = linear_oracle(x, w, b, mix, lay)
     ref = (y_ref, *torch.autograd.grad(y_ref, rs, dy.double()))
     for name, a, r in zip(("y", "dx", "dW", "dbias", "dmix"), got, ref):
         assert a.dtype == torch.float32, name
@@ -328,25 +319,7 @@ def test_fused_linear_opcheck():
 def test_fused_linear_torch_compile_fullgraph():
     """Under torch.compile the fused path is the tangle::entangled_linear_* custom ops
     (the eager route is an autograd.Function); both give the same values and grads."""
-    from tangle_kernels.ops.entangled_linear import bias_layout, entangled_linear
-
-    lay = tk.Layout.prefix((32, 16), [[16, 32], [8, 16]])
-    bias_layout(lay)  # built outside the compiled region, as EntangledLinear does
-    w = torch.randn(lay.shape, device=DEV, requires_grad=True)
-    b = torch.randn(32, device=DEV, requires_grad=True)
-    alpha = torch.randn(lay.K, device=DEV, requires_grad=True)
-    x = torch.randn(8, 16, device=DEV)
-
-    def f(x, w, b, alpha):
-        return entangled_linear(x, w, b, torch.softmax(alpha, 0), lay, backend="triton").square().sum()
-
-    got = torch.compile(f, fullgraph=True)(x, w, b, alpha)
-    g1 = torch.autograd.grad(got, (w, b, alpha))
-    ref = f(x, w, b, alpha)
-    g2 = torch.autograd.grad(ref, (w, b, alpha))
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
-    for a, r in zip(g1, g2):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)
+    check_compiled_fused_linear(tk.Layout.prefix((32, 16), [[16, 32], [8, 16]]), DEV)
 
 
 def test_fused_linear_automatic_policy(monkeypatch):
