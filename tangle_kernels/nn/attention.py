@@ -165,8 +165,7 @@ class EntangledAttention(EntangledModule):
         - ``_hd_src [3 P]``: the q|k|v column each position reads (q part, then k,
           then v). Padding reads a real column of its head; it is zeroed by the q and
           v multipliers (k's padding meets zero q columns).
-        - ``_hd_div [P]``: ``d_c`` where real, ``inf`` at padding, so ``rsqrt`` gives
-          the q multiplier ``1/sqrt(d_c)`` or 0.
+        - ``_hd_qscale [P]``: the q multiplier, ``1/sqrt(d_c)`` where real, 0 at padding.
         - ``_hd_real [P]``: 1 where real, 0 at padding (the v mask).
         - ``_hd_cand [P]``: the candidate of each position (index into mix).
         - ``_hd_dst [P]``: the output column of each position (``j d_c + t``; 0 at
@@ -180,14 +179,14 @@ class EntangledAttention(EntangledModule):
             d = e // h
             width = min(dmax, -(-d // bucket) * bucket)
             groups.setdefault(width, []).extend((ci, d, j) for j in range(h))
-        src, div, real, cand, dst, self.head_groups = [], [], [], [], [], []
+        src, qscale, real, cand, dst, self.head_groups = [], [], [], [], [], []
         for D in sorted(groups):
             self.head_groups.append((len(src), len(groups[D]), D))
             for ci, d, j in groups[D]:
                 for t in range(D):
                     ok = t < d
                     src.append(j * d + t if ok else j * d)
-                    div.append(float(d) if ok else float("inf"))
+                    qscale.append(float(d) ** -0.5 if ok else 0.0)
                     real.append(1.0 if ok else 0.0)
                     cand.append(ci)
                     dst.append(j * d + t if ok else 0)
@@ -195,7 +194,9 @@ class EntangledAttention(EntangledModule):
         self.head_pad = dmax
         s = torch.tensor(src, dtype=torch.long, device=device)
         self.register_buffer("_hd_src", torch.cat([s, s + E, s + 2 * E]), persistent=False)
-        self.register_buffer("_hd_div", torch.tensor(div, device=device), persistent=False)
+        self.register_buffer(
+            "_hd_qscale", torch.tensor(qscale, dtype=torch.float64, device=device), persistent=False
+        )
         self.register_buffer("_hd_real", torch.tensor(real, device=device), persistent=False)
         self.register_buffer("_hd_cand", torch.tensor(cand, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_hd_dst", torch.tensor(dst, dtype=torch.long, device=device), persistent=False)
@@ -209,7 +210,7 @@ class EntangledAttention(EntangledModule):
         dt = qkv.dtype
         P = self._hd_dst.numel()
         g = qkv.index_select(-1, self._hd_src).view(B, T, 3, P)
-        q = g[:, :, 0] * self._hd_div.to(dt).rsqrt()
+        q = g[:, :, 0] * self._hd_qscale.to(dt)
         k = g[:, :, 1]
         v = g[:, :, 2] * (mix.to(dt).index_select(0, self._hd_cand) * self._hd_real.to(dt))
         p = self.dropout if self.training else 0.0
