@@ -29,6 +29,57 @@ Box = tuple[Range, ...]
 __all__ = ["Layout", "prefix_range", "centered_range"]
 
 
+# ------------------------------------------------------------ outside the trace
+# A Layout is plain Python + numpy: dynamo cannot trace its construction (numpy
+# arrays become tensors, ``tolist`` a data-dependent guard), and a lazily built
+# derived object (a bias layout, device tables) would be a side effect of the trace.
+# So while dynamo traces, every such build runs for real, once, outside the trace:
+# ``_untraced(fn, *args)`` calls ``fn(*args)`` through ``assume_constant_result``
+# (dynamo calls it at trace time with the real arguments) and hands the result back
+# as an attribute of the module-level ``_BUILT`` holder, which dynamo then reads as an
+# ordinary guarded global (ID_MATCH on the object; a returned Layout is used like one
+# built before the trace). Its results are keyed by object identity, so the holder
+# grows only with the distinct objects built during traces.
+
+
+class _Built:
+    """Holder of the objects built outside dynamo's trace (see ``_untraced``)."""
+
+
+_BUILT = _Built()
+_UNTRACED_DEPTH = [0]  # > 0 while an untraced build runs (inside a trace, for real)
+
+
+def _tracing() -> bool:
+    """True while dynamo traces this call (and not inside one of its untraced builds)."""
+    return torch.compiler.is_compiling() and not _UNTRACED_DEPTH[0]
+
+
+@torch.compiler.assume_constant_result
+def _build_untraced(fn, *args) -> str:
+    _UNTRACED_DEPTH[0] += 1
+    try:
+        obj = fn(*args)
+    finally:
+        _UNTRACED_DEPTH[0] -= 1
+    key = f"_{id(obj)}"
+    setattr(_BUILT, key, obj)
+    return key
+
+
+def _untraced(fn, *args):
+    """``fn(*args)``; while dynamo traces, run for real outside the trace (above)."""
+    if not _tracing():
+        return fn(*args)
+    return getattr(_BUILT, _build_untraced(fn, *args))
+
+
+def _construct(cls, args, kwargs):
+    obj = object.__new__(cls)
+    obj.__init__(*args, **kwargs)
+    return obj
+
+
 def prefix_range(size: int, width: int, *, what: str = "width") -> Range:
     """The range ``[0, width)`` of a dimension of ``size``; checks ``0 < width <= size``."""
     width = int(width)
@@ -77,7 +128,21 @@ class Layout:
 
     Layouts are immutable and cheap to share; the kernel tables are built once and
     cached per device.
+
+    Safe inside ``torch.compile`` (``fullgraph=True``): a Layout constructed, projected
+    or asked for its device tables while dynamo traces is built for real outside the
+    trace (the graph sees the finished object and its tables as constants/inputs).
     """
+
+    _built = False  # set once __init__ has run (a Layout built outside a trace)
+
+    def __new__(cls, *args, **kwargs):
+        if args and _tracing():
+            # Dynamo traces the construction: build it outside the trace; Python then
+            # calls __init__ on the finished object, which returns at once.
+            kw = tuple(sorted(kwargs.items()))
+            return _untraced(_construct_kw, cls, args, kw)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -87,6 +152,8 @@ class Layout:
         *,
         labels: Sequence[Any] | None = None,
     ):
+        if self._built:
+            return
         shape = tuple(int(s) for s in shape)
         if not 1 <= len(shape) <= 4:
             raise ValueError(f"shape: rank must be 1 to 4, got {len(shape)} ({shape})")
@@ -137,6 +204,8 @@ class Layout:
         self.choice_values: tuple[tuple[Any, ...], ...] = ()
         self._build_tables()
         self._device_cache: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
+        self._projections: dict[tuple[int, ...], Layout] = {}
+        self._built = True
 
     # ------------------------------------------------------------------ tables
     def _build_tables(self) -> None:
@@ -216,6 +285,10 @@ class Layout:
             "B64": torch.from_numpy(B),
             "B32": torch.from_numpy(B.astype(np.float32)),
         }
+        # int64 copies for index_select (the torch backend), built here so that no
+        # caller adds them to a cached table dict (a side effect under torch.compile).
+        self._cpu_tables["rowgrp_l"] = self._cpu_tables["rowgrp"].long()
+        self._cpu_tables["colgrp_l"] = self._cpu_tables["colgrp"].long()
         # The candidate sizes (number of covered elements), handy for stats and checks.
         self.candidate_numel = tuple(
             int(sum(math.prod(hi - lo for lo, hi in box) for box, o in zip(self.boxes, self.owners) if o == k))
@@ -225,12 +298,25 @@ class Layout:
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """The kernel tables on ``device`` (cached): rowgrp [R], colgrp [C], runs [n, 3]
         (maximal column runs of one column group: start, end, group) and rowruns (the
-        same over rows), int32, and the incidence B [cells, K] as float32 (``B32``) and float64 (``B64``)."""
+        same over rows), int32, their int64 copies ``rowgrp_l``/``colgrp_l``, and the
+        incidence B [cells, K] as float32 (``B32``) and float64 (``B64``).
+
+        Under torch.compile the tables of a device other than the CPU are built (and
+        cached) outside the trace; on a GPU they are marked static inputs, so a CUDA
+        graph (``mode="reduce-overhead"``) reads them in place instead of copying them."""
         device = torch.device(device)
+        if device.type == "cpu":
+            return self._cpu_tables
+        if _tracing():
+            return _untraced(Layout._device_tables, self, device)
+        return self._device_tables(device)
+
+    def _device_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         key = (device.type, device.index)
         t = self._device_cache.get(key)
         if t is None:
             t = {k: v.to(device) for k, v in self._cpu_tables.items()}
+            _mark_static(t)
             self._device_cache[key] = t
         return t
 
@@ -260,8 +346,19 @@ class Layout:
     def project(self, dims: Sequence[int]) -> Layout:
         """The layout of the same K candidates restricted to ``dims`` (e.g. the bias of
         a linear layer is the projection of its weight layout on dim 0). Boxes of one
-        candidate that coincide after projection are merged."""
-        dims = [d % len(self.shape) for d in dims]
+        candidate that coincide after projection are merged. Cached per ``dims``."""
+        dims = tuple(int(d) % len(self.shape) for d in dims)
+        if _tracing():
+            return _untraced(Layout._project, self, dims)
+        return self._project(dims)
+
+    def _project(self, dims: tuple[int, ...]) -> Layout:
+        lay = self._projections.get(dims)
+        if lay is None:
+            lay = self._projections[dims] = self._build_projection(dims)
+        return lay
+
+    def _build_projection(self, dims: tuple[int, ...]) -> Layout:
         boxes, owners, seen = [], [], set()
         for b, o in zip(self.boxes, self.owners):
             pb = tuple(b[d] for d in dims)
@@ -469,6 +566,22 @@ class Layout:
             return out
 
         return cls.grid(shape, {"width": list(widths)}, lambda width: boxes(width))
+
+
+def _construct_kw(cls, args, kw):
+    return _construct(cls, args, dict(kw))
+
+
+def _mark_static(tables: dict[str, torch.Tensor]) -> None:
+    """Mark device tables as static inputs of compiled graphs (CUDA graphs do not copy
+    them on each replay); they never change once built."""
+    try:
+        from torch._dynamo import mark_static_address
+    except Exception:  # pragma: no cover
+        return
+    for v in tables.values():
+        if v.device.type != "cpu":
+            mark_static_address(v)
 
 
 def _check_disjoint(boxes: Sequence[Box], owners: Sequence[int]) -> None:

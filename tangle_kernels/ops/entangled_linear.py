@@ -68,17 +68,10 @@ FUSED_ENV = "TANGLE_FUSED_LINEAR"  # "1": the automatic choice may take the fuse
 
 
 def bias_layout(layout: Layout) -> Layout:
-    """The layout of the bias that goes with a ``(out, in)`` weight layout.
-
-    Cached on the layout object itself, so an equal layout built elsewhere (or a
-    layout seen by torch.compile) never misses the cache. Build it before entering a
-    compiled region: building a Layout cannot be traced.
-    """
-    lay = layout.__dict__.get("_bias_layout")
-    if lay is None:
-        lay = layout.project([0])
-        object.__setattr__(layout, "_bias_layout", lay)
-    return lay
+    """The layout of the bias that goes with a ``(out, in)`` weight layout: its
+    projection on dim 0, cached on the layout (:meth:`Layout.project`). Safe to call
+    while torch.compile traces: the projection is then built outside the trace."""
+    return layout.project((0,))
 
 
 def _triton_linear():
