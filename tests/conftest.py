@@ -37,3 +37,59 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+
+# ------------------------------------------------------------------ CI skip guard
+# Under CI (the CI environment variable set), a skip hides a test that should have run:
+# the only skips allowed are the GPU ones (the ``gpu`` mark, a missing CUDA device or
+# CUDA toolkit). Every skip reason is printed; any other skip fails the run.
+_ALLOWED_SKIP_WORDS = ("CUDA device", "CUDA toolkit")
+_SKIPS: list = []  # (nodeid, reason, allowed)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _skip_reason(report) -> str:
+    lr = report.longrepr
+    if isinstance(lr, tuple) and len(lr) == 3:
+        return str(lr[2])
+    return str(lr)
+
+
+def _note_skip(report) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    allowed = "gpu" in getattr(report, "keywords", {}) or any(w in reason for w in _ALLOWED_SKIP_WORDS)
+    _SKIPS.append((report.nodeid, reason, allowed))
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)  # module-level skips (pytestmark / allow_module_level)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _in_ci() and any(not ok for _, _, ok in _SKIPS) and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _SKIPS:
+        return
+    ci = _in_ci()
+    terminalreporter.section("skip reasons")
+    for nodeid, reason, ok in _SKIPS:
+        tag = "skipped" if ok or not ci else "SKIPPED, NOT ALLOWED IN CI"
+        terminalreporter.write_line(f"{tag}: {nodeid}: {reason}")
+    bad = sum(not ok for _, _, ok in _SKIPS)
+    if ci and bad:
+        terminalreporter.write_line(
+            f"CI: {bad} test(s) skipped for a reason other than the GPU lane (the `gpu` mark, "
+            "a missing CUDA device or toolkit): the run fails", red=True, bold=True)

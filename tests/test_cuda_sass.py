@@ -39,7 +39,7 @@ def sass(tmp_path_factory):
     nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
     cuobjdump = _tool("cuobjdump")
     if not nvcc or not cuobjdump:
-        pytest.skip("needs nvcc and cuobjdump")
+        pytest.skip("needs the CUDA toolkit (nvcc and cuobjdump)")
     out = tmp_path_factory.mktemp("sass") / "sp.cubin"
     r = subprocess.run([nvcc, "-arch=sm_90", "-O3", "--use_fast_math", f"-I{ROOT}/csrc", "-cubin",
                         SRC, "-o", str(out)], capture_output=True, text=True)
