@@ -5,8 +5,9 @@ CUDA execution model (csrc/cuda/emu/cuda_emu.h: blocks of std::threads, barriers
 __syncthreads, warp shuffles and votes through warp barriers, atomics under a mutex).
 The kernels, their launch plans and the host launchers are the code that runs on a
 GPU, so their logic (tiling, row-group runs, the flush of P, the deterministic
-workspace and its reduction, the 16-byte vector path and its fallback) is checked
-here against the C++ CPU kernel (bitwise for W_mix and dW) and a float64 oracle
+workspace and its reduction, the 16-byte vector path and its fallback) is checked,
+with the grid's blocks run in order, reversed or shuffled (the emulator's block order),
+against the C++ CPU kernel (bitwise for W_mix and dW) and a float64 oracle
 (P). What the emulation cannot check (memory-model races beyond barriers, speed)
 is left to tests/test_gpu.py on a real GPU.
 """
@@ -38,6 +39,9 @@ class Emu:
     def __init__(self, lib):
         self.lib = lib
         lib.tk_emu_set_num_sms.argtypes = [ctypes.c_int]
+        lib.tk_emu_set_block_order.argtypes = [ctypes.c_int, U]
+        lib.tk_emu_last_order.argtypes = [ctypes.POINTER(I64), I64]
+        lib.tk_emu_last_order.restype = I64
         lib.tk_emu_launches.restype = I64
         lib.tk_emu_forward.argtypes = [ctypes.c_int, I64, I64, I64, I64, U, U, U, U, U,
                                        ctypes.c_char_p, ctypes.c_int]
@@ -50,6 +54,18 @@ class Emu:
 
     def sms(self, n: int) -> None:
         self.lib.tk_emu_set_num_sms(n)
+
+    ORDERS = {"in order": 0, "reversed": 1, "shuffled": 2}
+
+    def order(self, name: str, seed: int = 0) -> None:
+        """The order the emulated grid's blocks run in (any order is a legal CUDA schedule)."""
+        assert self.lib.tk_emu_set_block_order(self.ORDERS[name], seed) == 0
+
+    def last_order(self) -> list[int]:
+        n = self.lib.tk_emu_last_order(None, 0)
+        buf = (I64 * max(n, 1))()
+        self.lib.tk_emu_last_order(buf, n)
+        return list(buf)[:n]
 
     def plan(self, w, g, out, backward: bool) -> dict:
         res = (I64 * 6)()
@@ -152,6 +168,7 @@ def test_emulated_cuda_kernels_vs_cpu_kernel(emu, shape, dtype):
     rng = np.random.default_rng(hash((shape, str(dtype))) % 2**32)
     for i, sms in enumerate((1, 3)):  # the SM count sets the grid and the rows per tile
         emu.sms(sms)
+        emu.order("shuffled" if i else "in order", seed=i)  # any block order is legal
         layout = random_layout(rng, *shape)
         w, g, t, tabs = _inputs(layout, dtype, i)
         out = emu.forward(w, t, tabs)
@@ -165,6 +182,7 @@ def test_emulated_cuda_kernels_vs_cpu_kernel(emu, shape, dtype):
             err = (p.double() - p_ex).abs()
             tol = rel * scale + 1e-30
             assert bool((err <= tol).all()), f"P {shape} {dtype} det={det}: max err {err.max():.3g}"
+    emu.order("in order")
 
 
 def test_vector_path_and_scalar_fallback(emu):
@@ -201,16 +219,55 @@ def test_plans_cover_multi_tile_grids(emu):
     assert any(p["rt"] == 1 for p in plans.values()), plans
 
 
-def test_deterministic_mode_is_bitwise_repeatable(emu):
-    """Deterministic P: per-block partials reduced in block order, whatever order the
-    emulated threads ran in; the atomic mode agrees to rounding."""
+ORDERS = [("in order", 0), ("reversed", 0), ("shuffled", 1), ("shuffled", 2)]
+
+
+def test_block_order_is_settable(emu):
+    """The emulated grid's blocks run in the order asked for (so the determinism test
+    below replays several legal CUDA schedules, not the same one)."""
     emu.sms(1)
     layout = random_layout(np.random.default_rng(7), 1400, 3)
     w, g, t, tabs = _inputs(layout, torch.float32, 0)
-    runs = [emu.backward(g, w, t, tabs, True)[1] for _ in range(3)]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
-    _, pa = emu.backward(g, w, t, tabs, False)
-    torch.testing.assert_close(pa, runs[0], rtol=1e-5, atol=1e-5)
+    seen = {}
+    try:
+        for name, seed in ORDERS:
+            emu.order(name, seed)
+            emu.forward(w, t, tabs)
+            seen[(name, seed)] = emu.last_order()
+    finally:
+        emu.order("in order")
+    n = len(seen[("in order", 0)])
+    assert n > 8, seen
+    assert seen[("in order", 0)] == list(range(n))
+    assert seen[("reversed", 0)] == list(range(n))[::-1]
+    for seed in (1, 2):
+        assert sorted(seen[("shuffled", seed)]) == list(range(n))
+        assert seen[("shuffled", seed)] not in (list(range(n)), list(range(n))[::-1])
+    assert seen[("shuffled", 1)] != seen[("shuffled", 2)]
+
+
+def test_deterministic_mode_is_bitwise_stable_under_any_block_order(emu):
+    """Deterministic P: per-block partials reduced in block order, so the same bits
+    whatever order the blocks (and their threads) run in; the atomic mode, whose float
+    additions follow the schedule, agrees to rounding and is allowed to differ in bits,
+    and it does differ under one of these orders (the orders are different schedules)."""
+    emu.sms(1)
+    layout = random_layout(np.random.default_rng(7), 1400, 3)
+    w, g, t, tabs = _inputs(layout, torch.float32, 0)
+    det, atom = [], []
+    try:
+        for name, seed in ORDERS:
+            emu.order(name, seed)
+            det.append(emu.backward(g, w, t, tabs, True))
+            atom.append(emu.backward(g, w, t, tabs, False))
+    finally:
+        emu.order("in order")
+    for dw, p in det[1:]:
+        assert torch.equal(dw, det[0][0]) and torch.equal(p, det[0][1])
+    for dw, p in atom:
+        assert torch.equal(dw, det[0][0])
+        torch.testing.assert_close(p, det[0][1], rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(p, atom[0][1]) for _, p in atom[1:]), "atomic P identical under every order"
 
 
 def test_empty_weight_zeroes_p(emu):

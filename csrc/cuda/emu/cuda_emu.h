@@ -3,7 +3,10 @@
 //
 // csrc/cuda/emu/emu_api.cpp includes this header, then the .cu, and compiles as C++.
 // What is emulated:
-//   - a launch runs the grid's blocks one after another; a block runs blockDim.x
+//   - a launch runs the grid's blocks one after another, in an order that is settable
+//     (tk_emu::set_block_order: in order, reversed, or a seeded shuffle; CUDA gives no
+//     order between blocks, so every one of these is a legal schedule and results that
+//     must be deterministic must not depend on it); a block runs blockDim.x
 //     std::threads (threadIdx / blockIdx are thread_local), so every interleaving the
 //     OS scheduler picks is a legal CUDA schedule of that block;
 //   - __syncthreads: a barrier of the block's threads;
@@ -18,11 +21,15 @@
 // occupancy, inline PTX (the .cu keeps a plain C++ path under TK_CUDA_EMU).
 #pragma once
 
+#include <algorithm>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <stdexcept>
+#include <random>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -62,8 +69,29 @@ inline std::vector<uint64_t> g_xchg;  // [warps * 32] shuffle exchange slots
 inline std::vector<unsigned char> g_dyn_smem;
 inline std::mutex g_atomic_mu;
 inline int64_t g_launches = 0;
+// Block order of a launch: 0 = in order, 1 = reversed, 2 = shuffled (seeded; each
+// launch draws a new permutation from the generator).
+inline int g_block_order = 0;
+inline std::mt19937_64 g_order_rng{0};
+inline std::vector<int> g_last_order;  // the block order of the last launch
 
 inline void set_num_sms(int n) { g_num_sms = n > 0 ? n : 1; }
+inline void set_block_order(int mode, uint64_t seed) {
+  if (mode < 0 || mode > 2) throw std::runtime_error("tk_emu: block order must be 0, 1 or 2");
+  g_block_order = mode;
+  g_order_rng.seed(seed);
+}
+
+inline std::vector<int> block_order(int grid) {
+  std::vector<int> order(static_cast<size_t>(grid));
+  std::iota(order.begin(), order.end(), 0);
+  if (g_block_order == 1) {
+    std::reverse(order.begin(), order.end());
+  } else if (g_block_order == 2) {
+    std::shuffle(order.begin(), order.end(), g_order_rng);
+  }
+  return order;
+}
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), int grid, int block, size_t smem, Args... args) {
@@ -73,7 +101,8 @@ void launch(void (*kernel)(KArgs...), int grid, int block, size_t smem, Args... 
   g_block_dim = tk_dim3{unsigned(block), 1, 1};
   const int warps = block / 32;
   g_xchg.assign(size_t(block), 0);
-  for (int b = 0; b < grid; ++b) {
+  g_last_order = block_order(grid);
+  for (const int b : g_last_order) {
     g_dyn_smem.assign(smem, 0xA5);  // garbage, like real shared memory
     std::barrier<> bar(block);
     g_block_bar = &bar;

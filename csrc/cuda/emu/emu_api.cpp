@@ -38,6 +38,21 @@ extern "C" {
 
 void tk_emu_set_num_sms(int n) { tk_emu::set_num_sms(n); }
 
+// The order blocks run in: 0 in order, 1 reversed, 2 shuffled (seeded). Returns 1 on a
+// bad mode.
+int tk_emu_set_block_order(int mode, uint64_t seed) {
+  if (mode < 0 || mode > 2) return 1;
+  tk_emu::set_block_order(mode, seed);
+  return 0;
+}
+
+// The block order of the last launch: writes min(n, grid) block indices, returns grid.
+int64_t tk_emu_last_order(int64_t* out, int64_t n) {
+  const auto& o = tk_emu::g_last_order;
+  for (int64_t i = 0; i < n && i < int64_t(o.size()); ++i) out[i] = o[size_t(i)];
+  return int64_t(o.size());
+}
+
 // The launch plan of a forward (backward = 0) or backward (1) launch:
 // out[0..5] = vec, threads, strips, rows per tile, tiles, grid.
 void tk_emu_plan(int dtype, int64_t R, int64_t C, uintptr_t w, uintptr_t g, uintptr_t out,
