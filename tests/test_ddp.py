@@ -1,6 +1,10 @@
 """The search under torchrun: 2 processes, gloo on loopback (CPU). Every rank must draw
 the same architecture noise, hold the same alphas and weights, and derive the same
-architecture; the data batches differ per rank."""
+architecture; the data batches differ per rank.
+
+The ranks run the search module through a small wrapper (written next to the run's
+output) that records what the output files cannot show: each rank's initial alphas
+and a digest of every batch it drew."""
 
 from __future__ import annotations
 
@@ -19,11 +23,16 @@ import torch.distributed as dist
 )
 def test_two_rank_gloo_search_derives_the_same_arch(tmp_path):
     out = tmp_path / "ddp"
+    rec_dir = tmp_path / "record"
+    rec_dir.mkdir()
+    wrapper = tmp_path / "record_ranks.py"
+    wrapper.write_text(RECORDER)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
         "MASTER_ADDR": "127.0.0.1",
+        "TK_TEST_RECORD": str(rec_dir),
     }
     cmd = [
         sys.executable,
@@ -31,8 +40,7 @@ def test_two_rank_gloo_search_derives_the_same_arch(tmp_path):
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        "-m",
-        "tangle_kernels.search",
+        str(wrapper),
         "--preset",
         "tiny",
         "--hp",
@@ -49,6 +57,8 @@ def test_two_rank_gloo_search_derives_the_same_arch(tmp_path):
         "eval_batches=2",
         "--set",
         "arch_lr=0.05",
+        "--set",  # no decay: only the (averaged) gradients can move the alphas
+        "arch_weight_decay=0",
         "--out",
         str(out),
         "--no-progress",
@@ -64,8 +74,55 @@ def test_two_rank_gloo_search_derives_the_same_arch(tmp_path):
     assert d["rank_last_arch_sample"][0] == d["rank_last_arch_sample"][1] is not None
     assert d["rank_weights_sum"][0] == d["rank_weights_sum"][1]  # DDP kept the weights equal
     assert d["ranks_agree"] is True
-    # the alphas moved (gradients flowed and were averaged, not zero)
-    assert any(abs(v) > 1e-3 for vals in arch["alphas"].values() for v in vals)
+    # the alphas moved from their initial values (the same on both ranks): gradients
+    # flowed and were averaged, not zero (no weight decay could move them)
+    init = [json.loads((rec_dir / f"alphas0_rank{r}.json").read_text()) for r in (0, 1)]
+    assert init[0] == init[1] and set(init[0]) == set(arch["alphas"])
+    for n, vals in arch["alphas"].items():
+        moved = max(abs(a - b) for a, b in zip(vals, init[0][n]))
+        assert moved > 1e-3, (n, vals, init[0][n])
+    # the data batches differ per rank (each rank draws its own shard of the stream),
+    # for every split and step both ranks drew
+    drawn = []
+    for r in (0, 1):
+        lines = (rec_dir / f"batches_rank{r}.jsonl").read_text().splitlines()
+        drawn.append({(split, step): h for split, step, h in map(json.loads, lines)})
+    assert drawn[0].keys() == drawn[1].keys()
+    assert {k for k in drawn[0] if k[0] == "train"} == {("train", i) for i in range(6)}
+    same = [k for k in drawn[0] if drawn[0][k] == drawn[1][k]]
+    assert not same, f"ranks drew identical batches at {same}"
     # only rank 0 writes the files: one metrics record per step
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(6))
+
+
+RECORDER = """
+import hashlib, json, os, runpy, sys
+
+from tangle_kernels.search import engine
+
+out = os.environ["TK_TEST_RECORD"]
+rank = int(os.environ.get("RANK", "0"))
+_batch, _setup = engine.Search._batch, engine.Search.setup
+
+
+def batch(self, split, step):
+    b = _batch(self, split, step)
+    h = hashlib.sha256(b[0].detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    with open(os.path.join(out, f"batches_rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps([split, step, h]) + "\\n")
+    return b
+
+
+def setup(self, *args, **kwargs):
+    r = _setup(self, *args, **kwargs)
+    alphas = {n: a.detach().cpu().tolist() for n, a in self.sampler.alphas.items()}
+    with open(os.path.join(out, f"alphas0_rank{rank}.json"), "w") as f:
+        json.dump(alphas, f)
+    return r
+
+
+engine.Search._batch, engine.Search.setup = batch, setup
+sys.argv = ["tangle_kernels.search", *sys.argv[1:]]
+runpy.run_module("tangle_kernels.search", run_name="__main__", alter_sys=True)
+"""

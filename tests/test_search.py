@@ -26,7 +26,12 @@ from tangle_kernels.search.engine import (
 from tangle_kernels.search.samplers import DartsSampler
 from tangle_kernels.spaces.nanogpt import NanoGPTSpace
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+# Tiny Shakespeare lives next to the checkout (../shared/data, never copied into the
+# repo). Missing, the test is skipped on a developer machine and fails under CI: the
+# only test that shows a search lowering the validation loss on real text must run.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +65,12 @@ def tiny_cfg(**kw):
 # ------------------------------------------------------------------- end to end
 
 
-@pytest.mark.skipif(
-    not os.path.exists(SHAKESPEARE), reason=f"Tiny Shakespeare not found at {SHAKESPEARE}"
-)
 def test_30_step_search_on_tiny_shakespeare_lowers_val_loss(tmp_path):
+    if not os.path.exists(SHAKESPEARE):
+        msg = f"Tiny Shakespeare not found at {SHAKESPEARE} (../shared/data from the repo root)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
     space = NanoGPTSpace(preset="tiny")
     data = space.make_data(SHAKESPEARE)
     assert data.vocab_size == 65
@@ -315,13 +322,20 @@ def test_unrolled_search_runs_and_only_for_deterministic_samplers(tmp_path):
     s = Search(
         space,
         data,
-        tiny_cfg(optimizer="darts", unrolled=True, steps=2),
+        # no arch weight decay: with it, Adam moves the alphas even on a zero gradient
+        tiny_cfg(optimizer="darts", unrolled=True, steps=2, arch_weight_decay=0.0),
         out=tmp_path,
         progress=False,
     )
+    s.setup()
+    alphas0 = {n: a.detach().clone() for n, a in s.sampler.alphas.items()}
     res = s.run()
     assert res["config"]["unrolled"] is True
-    assert all(not torch.equal(a.detach(), torch.zeros_like(a)) for a in s.sampler.alphas.values())
+    # every alpha moved from its (non-zero) initial value: the unrolled hypergradient
+    # reached the architecture parameters
+    for n, a in s.sampler.alphas.items():
+        assert not torch.equal(a.detach(), alphas0[n]), n
+        assert (a.detach() - alphas0[n]).abs().max() > 1e-4, n
     with pytest.raises(SearchError, match="unrolled"):
         tiny_cfg(optimizer="gdas", unrolled=True).check()
 
