@@ -316,10 +316,31 @@ def test_augment_crop_flip():
     # every augmented image is a shifted / flipped window of its (padded) source
     from tangle_kernels.data.vision import _augment
 
-    src = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
-    out = _augment(src, torch.Generator().manual_seed(1))
-    for b in range(2):
-        pad = torch.nn.functional.pad(src[b, 0], (2, 2, 2, 2))
-        wins = [pad[i:i + 4, j:j + 4] for i in range(5) for j in range(5)]
-        wins += [w.flip(1) for w in wins]
-        assert any(torch.equal(out[b, 0], w) for w in wins)
+    # (an all-distinct source, so each window identifies its shift and flip)
+    n = 400
+    src = (torch.arange(1 * 4 * 4, dtype=torch.float32).view(1, 1, 4, 4) + 1).expand(n, 1, 4, 4)
+    out = _augment(src.contiguous(), torch.Generator().manual_seed(1))
+    pad = torch.nn.functional.pad(src[0, 0], (2, 2, 2, 2))
+    wins = {(i, j, f): (pad[i:i + 4, j:j + 4].flip(1) if f else pad[i:i + 4, j:j + 4])
+            for i in range(5) for j in range(5) for f in (False, True)}
+    seen = []
+    for b in range(n):
+        hit = [k for k, w in wins.items() if torch.equal(out[b, 0], w)]
+        assert hit, b
+        seen.append(hit[0])
+    # it augments: not the identity; every shift and both flips occur, about uniformly
+    # (25 shifts x 2 flips, 400 draws: 8 expected per window)
+    assert sum(k == (2, 2, False) for k in seen) < n // 10
+    assert {k[:2] for k in seen} == {(i, j) for i in range(5) for j in range(5)}
+    flips = sum(k[2] for k in seen)
+    assert 0.35 * n < flips < 0.65 * n, flips
+    # the training batches are augmented (differ from the same draw without augmentation),
+    # the validation batches are not
+    d.augment = False
+    plain, _ = d.batch("train", 64, torch.Generator().manual_seed(0))
+    assert not torch.equal(plain, x)
+    d.augment = True
+    v_aug, _ = d.batch("val", 16, torch.Generator().manual_seed(0))
+    d.augment = False
+    v_plain, _ = d.batch("val", 16, torch.Generator().manual_seed(0))
+    assert torch.equal(v_aug, v_plain)
