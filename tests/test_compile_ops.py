@@ -4,8 +4,9 @@ layouts built just before (or inside) the compiled function (issue 16).
 Each case starts from a fresh dynamo state (``torch._dynamo.reset()``) and fresh
 layouts, so nothing was warmed up by an eager call. Most cases compile with the
 ``aot_eager`` backend (dynamo + AOTAutograd with fake tensors: what decides whether a
-graph is whole; inductor's code generation takes tens of seconds per graph on CPU);
-the issue's own example runs through inductor. Shapes are tiny.
+graph is whole; inductor's code generation takes tens of seconds per graph on CPU;
+tests/test_compile_search.py runs a fresh EntangledLinear through inductor). Shapes
+are tiny.
 """
 
 from __future__ import annotations
@@ -54,17 +55,17 @@ def _check(fn, args, backend="aot_eager"):
     return cnt
 
 
-def test_issue_example_inductor():
+def test_issue_example():
     """The issue's example: a fresh Layout, entangled_linear with a bias (whose layout
-    is derived inside the traced region), inductor, fullgraph, first call."""
+    is derived inside the traced region), fullgraph, first call (inductor on a fresh
+    EntangledLinear: tests/test_compile_search.py)."""
     layout = Layout.prefix((12, 8), [[6, 12], [4, 8]])
     x = torch.randn(3, 8)
     w = torch.randn(12, 8, requires_grad=True)
     b = torch.randn(12, requires_grad=True)
     m = torch.softmax(torch.randn(layout.K), 0).requires_grad_()
     assert "_projections" in layout.__dict__ and not layout._projections  # nothing derived yet
-    _check(lambda x, w, b, m: tk.entangled_linear(x, w, b, m, layout).sum(), (x, w, b, m),
-           backend="inductor")
+    _check(lambda x, w, b, m: tk.entangled_linear(x, w, b, m, layout).sum(), (x, w, b, m))
 
 
 def _random_layout(rng: random.Random, rank: int) -> Layout:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["HardArch", "candidate_mix", "hard_index", "one_hot_arch"]
+__all__ = ["HardArch", "candidate_mix", "hard_index", "one_hot_arch", "hard_as_soft"]
 
 
 class HardArch(dict):
@@ -76,3 +76,25 @@ def hard_index(arch: Mapping[str, torch.Tensor], names: Sequence[str]) -> int | 
     for n in names:
         idx = idx * arch[n].shape[0] + arch.index[n]
     return idx
+
+
+def hard_as_soft(arch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A :class:`HardArch` as a plain (soft) arch that computes the same thing on the
+    soft path: each vector times its one-hot mask, so its values are the one-hot
+    values and only the chosen entry carries a gradient (exactly the gradient the
+    sliced path gives it: the soft path's gradient of the chosen candidate). Any other
+    arch is returned unchanged.
+
+    The soft path runs at the max size whatever the selection, so under
+    ``torch.compile`` every selection shares one graph (the sliced path specialises
+    on the selection: one graph per sampled architecture). Differences from the
+    sliced path: it costs the max-size forward, and an ``EntangledBatchNorm2d`` in
+    training updates the running statistics of every channel (as with a soft arch)."""
+    if not isinstance(arch, HardArch):
+        return arch
+    out = {}
+    for n, v in arch.items():
+        mask = torch.zeros_like(v, requires_grad=False)
+        mask[arch.index[n]] = 1.0
+        out[n] = v * mask
+    return out

@@ -49,6 +49,7 @@ from ..nn.arch import HardArch
 from ..nn.base import set_arch
 from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .compiled import make_compiler
 from .evolution import evolution, random_search
 from .samplers import SAMPLERS, Sampler, make_sampler
 
@@ -380,6 +381,7 @@ class Search:
         on_step: Callable[[Search, int], None] | None = None,
         log: Callable[[str], None] | None = None,
         meta: Mapping[str, Any] | None = None,
+        compile: bool | str = False,
     ):
         cfg.check()
         self.space, self.data, self.cfg = space, data, cfg
@@ -390,6 +392,9 @@ class Search:
         self._log = log
         self.meta = dict(meta or {})
         self.dist, self.device = D.init_from_env(device)
+        # --compile: forward + loss under torch.compile (search/compiled.py); not part of
+        # the config (checkpoints and resume are the same with or without it)
+        self.compiler = make_compiler(compile, self.device, log=self.log)
         self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.arch_path = os.path.join(self.out, "arch.json")
@@ -586,7 +591,7 @@ class Search:
             if cfg.unrolled:
                 lv, grads = unrolled_arch_grad(
                     self.model,
-                    self.space.loss,
+                    self._loss,
                     alphas,
                     lambda: self.sampler.sample(noise, step),
                     train_batch,
@@ -600,7 +605,7 @@ class Search:
                 arch = self.sampler.sample(noise, step)
                 self._last_sample = {n: v.detach().cpu().tolist() for n, v in arch.items()}
                 set_arch(self.model, arch)
-                lv = self.space.loss(self.model, val_batch)
+                lv = self._loss(self.model, val_batch, weight_grads=False)
                 lv.backward(inputs=alphas)
             set_arch(self.model, None)
             D.average_grads(alphas, self.dist)
@@ -610,7 +615,7 @@ class Search:
         # 2. weight step (train split)
         set_arch(self.model, detach_arch(self.sampler.sample(noise, step)))
         self.w_opt.zero_grad(set_to_none=True)
-        loss = self.space.loss(self.ddp, train_batch)
+        loss = self._loss(self.ddp, train_batch)
         loss.backward()
         set_arch(self.model, None)
         if cfg.grad_clip > 0:
@@ -628,10 +633,16 @@ class Search:
         try:
             with precision_context(self.cfg.precision, self.device):
                 return self.space.evaluate(
-                    self.model, batches if batches is not None else self.eval_set
+                    _eval_model(self.model, self.compiler), batches if batches is not None else self.eval_set
                 )
         finally:
             set_arch(self.model, None)
+
+    def _loss(self, model, batch, weight_grads: bool = True) -> torch.Tensor:
+        """``space.loss(model, batch)``, compiled with ``compile``."""
+        if self.compiler is None:
+            return self.space.loss(model, batch)
+        return self.compiler.loss(self.space.loss, model, batch, weight_grads=weight_grads)
 
     def _score(self, metrics: dict) -> float:
         v = float(metrics[self.space.metric])
@@ -766,7 +777,7 @@ class Search:
         sup = self.evaluate_selection(selection)
         plain = self.space.extract(self.model, selection).to(self.device)
         with precision_context(self.cfg.precision, self.device):
-            plain_metrics = self.space.evaluate(plain, self.eval_set)
+            plain_metrics = self.space.evaluate(_eval_model(plain, self.compiler), self.eval_set)
         result: dict[str, Any] = {
             "space": self.space.name,
             "space_config": self.space.config(),
@@ -809,7 +820,11 @@ class Search:
                 device=self.device,
                 progress=self.progress and self.dist.is_main,
                 eval_set=self.eval_set,
+                compile=self.compiler,
             )
+        if self.compiler is not None:
+            result["compile"] = self.compiler.summary()
+            self.log(_compile_line(result["compile"]))
         if self.dist.is_main:
             _write_json(self.arch_path, result)
             self._record(
@@ -853,14 +868,16 @@ def train_from_scratch(
     progress: bool = False,
     eval_set: list | None = None,
     seed: int | None = None,
+    compile: Any = False,
 ) -> dict:
     """Train a freshly initialised plain model of ``selection`` (``space.build_plain``)
     for ``steps`` steps on the train split (same optimizer family and schedule as the
     search's weights); returns its validation metrics, parameter count and the last
-    train loss."""
+    train loss. ``compile``: as :class:`Search`'s (or its :class:`Compiler`)."""
     if steps < 1:
         raise SearchError(f"retrain steps={steps}: must be >= 1")
     device = torch.device(device)
+    compiler = make_compiler(compile, device)
     seed = cfg.seed if seed is None else seed
     selection = space.check_selection(selection)
     torch.manual_seed(derive_seed(seed, 0, "scratch-init"))
@@ -885,7 +902,7 @@ def train_from_scratch(
             g = _generator(derive_seed(seed, step, "scratch-train"))
             batch = data.batch("train", cfg.batch_size, g, device)
             opt.zero_grad(set_to_none=True)
-            loss = space.loss(model, batch)
+            loss = space.loss(model, batch) if compiler is None else compiler.loss(space.loss, model, batch)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -894,14 +911,28 @@ def train_from_scratch(
             bar.set_postfix_str(f"loss {last:.3f}", refresh=False)
             bar.update(1)
         bar.close()
-        metrics = space.evaluate(model, eval_set)
-    return {
+        metrics = space.evaluate(_eval_model(model, compiler), eval_set)
+    out = {
         "steps": steps,
         "val": metrics,
         "train_loss": last,
         "params": space.param_count(model),
         "time_s": round(time.perf_counter() - t0, 2),
     }
+    if compiler is not None:
+        out["compile"] = compiler.summary()
+    return out
+
+
+def _eval_model(model: torch.nn.Module, compiler) -> torch.nn.Module:
+    return model if compiler is None else compiler.module(model)
+
+
+def _compile_line(c: dict) -> str:
+    return (
+        f"--compile: {c['graphs']} graph(s) compiled ({c['backend']}"
+        f"{', mode ' + c['mode'] if c['mode'] else ''}), {c['compile_s']:.0f} s in first calls"
+    )
 
 
 def run_search(space, data, cfg: SearchConfig, **kw) -> dict:
