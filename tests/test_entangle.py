@@ -59,6 +59,9 @@ def test_entangle_stock_model_and_extract():
     tnn.set_arch(sup, arch)
     sup(idx).square().mean().backward()
     assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in arch.values())
+    for name, p in sup.named_parameters():
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"zero gradient for {name}"
     for sel in ({"embed": 4, "ratio": 2}, {"embed": 6, "ratio": 1}):
         child = tnn.extract(sup, sel)
         assert not any(isinstance(m, tnn.EntangledModule) for m in child.modules())

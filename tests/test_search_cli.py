@@ -85,6 +85,14 @@ def test_cli_search_train_and_outputs(tmp_path, capsys):
         assert (out / "alphas.png").exists()
 
     # a finished run resumed: nothing left to train, same architecture
+    def train_records():
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in recs if r["kind"] == "train"]
+
+    train_before = train_records()
+    assert [r["step"] for r in train_before] == [0, 1, 2, 3]
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 4
     rc, stdout2, err = _run(
         [
             "--optimizer",
@@ -104,6 +112,10 @@ def test_cli_search_train_and_outputs(tmp_path, capsys):
     )
     assert rc == 0, err
     assert json.loads((out / "arch.json").read_text())["arch"] == arch["arch"]
+    assert "at step 4/4" in stdout2, stdout2  # resumed at the end
+    assert train_records() == train_before  # no step was trained again
+    resumed = json.loads((out / "arch.json").read_text())
+    assert resumed["alphas"] == arch["alphas"]  # nothing moved the alphas
 
     rc, stdout, err = _run(
         ["train", str(out / "arch.json"), "--steps", "2", "--no-progress", "--batch-size", "4"],
