@@ -118,7 +118,7 @@ def test_float16():
     assert (err <= bounds[2]).all(), (err.max(), bounds[2].min())
 
 
-@pytest.mark.skipif(DEV != "cpu", reason="interpreter-only refusal")
+@pytest.mark.skipif(DEV != "cpu", reason="interpreter-only refusal (on a CUDA device the kernel runs)")
 def test_bfloat16_refused_in_interpreter():
     lay = tk.Layout.prefix((4, 4), [[2, 4], None])
     with pytest.raises(TypeError, match="bfloat16 is not supported under TRITON_INTERPRET"):
@@ -433,7 +433,7 @@ def test_fused_linear_p_modes_deterministic_and_no_bias(monkeypatch):
     torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(DEV != "cpu", reason="interpreter-only refusal")
+@pytest.mark.skipif(DEV != "cpu", reason="interpreter-only refusal (on a CUDA device the kernel runs)")
 def test_fused_linear_refuses_half_in_interpreter():
     from tangle_kernels.ops.entangled_linear import entangled_linear
 
