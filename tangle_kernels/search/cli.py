@@ -284,6 +284,28 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def _say_decision(decided) -> None:
+    """How decided the search was (``arch.json['decided']``)."""
+    if not decided:
+        return
+    if "spos" in decided:
+        d = decided["spos"]
+        if d.get("best") is not None:
+            ru = d.get("runner_up")
+            _say(
+                f"  how decided: SPOS {d['search']} scored {d['scored']} architectures on the "
+                f"supernet; best {d['best']:.4f}"
+                + (f", runner-up {ru:.4f} (margin {ru - d['best']:.4f})" if ru is not None else "")
+                + f", median {d['median']:.4f}"
+            )
+        return
+    from .samplers import format_decision
+
+    _say("  how decided (final probabilities):")
+    for line in format_decision(decided):
+        _say(f"    {line}")
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -355,6 +377,7 @@ def cmd_search(argv: Sequence[str]) -> int:
             )
         if "benchmark" in result:
             _say(f"  benchmark: {_fmt_metrics(result['benchmark'])}")
+        _say_decision(result.get("decided"))
         saved = ["arch.json", "metrics.jsonl", "checkpoint.pt"]
         if result.get("plot"):
             saved.append("alphas.png")

@@ -51,7 +51,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .compiled import make_compiler
 from .evolution import evolution, random_search
-from .samplers import SAMPLERS, Sampler, make_sampler
+from .samplers import SAMPLERS, Sampler, decision_report, make_sampler
 
 __all__ = [
     "SearchConfig",
@@ -94,6 +94,9 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     arch_init_scale: float = 1e-3  #: alphas start at init_scale * N(0, 1)
     warmup_steps: int = 0  #: weight-only steps before the alphas start to move
+    #: DrNAS: Dirichlet concentration = drnas_concentration * (elu(alpha) + 1) (paper: 1);
+    #: larger = less sampling noise around the same mean
+    drnas_concentration: float = 1.0
     unrolled: bool = False  #: second-order DARTS (darts, sparsemax only)
     tau_max: float = 10.0  #: GDAS temperature, annealed linearly ...
     tau_min: float = 0.1  #: ... to tau_min at the last step
@@ -179,6 +182,8 @@ class SearchConfig:
             raise SearchError(f"lr_min={self.lr_min}: must be in [0, lr={self.lr}]")
         if not (self.tau_max > 0 and self.tau_min > 0):
             raise SearchError(f"tau_max={self.tau_max}, tau_min={self.tau_min}: must be > 0")
+        if not self.drnas_concentration > 0:
+            raise SearchError(f"drnas_concentration={self.drnas_concentration}: must be > 0")
         if self.unrolled and self.optimizer not in ("darts", "sparsemax"):
             raise SearchError(
                 f"--unrolled is the second-order DARTS update; it needs --optimizer darts or "
@@ -450,6 +455,7 @@ class Search:
             tau_max=cfg.tau_max,
             tau_min=cfg.tau_min,
             total_steps=self.total,
+            concentration_scale=cfg.drnas_concentration,
         )
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -731,6 +737,23 @@ class Search:
         self.step = self.total
 
     # ------------------------------------------------------------------ finish
+    def _decision(self, history) -> dict:
+        """How decided the search was (``arch.json['decided']``): for a trained sampler
+        the final probabilities per choice with their entropy (:func:`decision_report`);
+        for SPOS the supernet scores of the best and runner-up selections."""
+        if self.sampler.trains_arch:
+            return decision_report(self.sampler.probs(), self.space.choices)
+        scores = sorted(v for _, v in (history or []))
+        return {
+            "spos": {
+                "search": self.cfg.spos_search,
+                "scored": len(scores),
+                "best": scores[0] if scores else None,
+                "runner_up": scores[1] if len(scores) > 1 else None,
+                "median": scores[len(scores) // 2] if scores else None,
+            }
+        }
+
     def finish(self) -> dict:
         cfg = self.cfg
         self.save(self.total)
@@ -809,6 +832,7 @@ class Search:
             }
         if history is not None:
             result["spos_history"] = history
+        result["decided"] = self._decision(history)
         if cfg.retrain_steps > 0 and self.dist.is_main:
             self.log(f"training the derived architecture from scratch ({cfg.retrain_steps} steps)")
             result["scratch"] = train_from_scratch(

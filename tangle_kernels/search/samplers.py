@@ -41,6 +41,9 @@ __all__ = [
     "make_sampler",
     "sparsemax",
     "linear_tau",
+    "entropy",
+    "decision_report",
+    "format_decision",
 ]
 
 
@@ -198,13 +201,26 @@ def _dirichlet_rsample(
 
 
 class DrNASSampler(Sampler):
-    """DrNAS: ``w ~ Dirichlet(elu(alpha) + 1)`` with reparameterised samples; the
-    reported probabilities are the Dirichlet mean ``c / sum(c)``."""
+    """DrNAS: ``w ~ Dirichlet(scale * (elu(alpha) + 1))`` with reparameterised samples;
+    the reported probabilities are the Dirichlet mean ``c / sum(c)`` (independent of
+    ``scale``).
+
+    ``concentration_scale`` (DrNAS: 1) sets the sampling noise only: at ``alpha = 0`` the
+    paper's Dirichlet(1, ..., 1) is uniform over the simplex, so each architecture step
+    sees a random mixture and the alpha gradient is mostly noise until the
+    concentrations have grown, which takes thousands of steps; a larger scale draws
+    mixtures near the mean (variance ~ 1 / (scale * sum(c)))."""
 
     name = "drnas"
 
+    def __init__(self, choices, *, concentration_scale: float = 1.0, **kw):
+        super().__init__(choices, **kw)
+        if not concentration_scale > 0:
+            raise ValueError(f"concentration_scale={concentration_scale}: must be > 0")
+        self.concentration_scale = float(concentration_scale)
+
     def concentration(self, a: torch.Tensor) -> torch.Tensor:
-        return F.elu(a) + 1.0
+        return self.concentration_scale * (F.elu(a) + 1.0)
 
     def sample(self, generator=None, step=0):
         return {
@@ -305,13 +321,16 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, choices, **kw) -> Sampler:
-    """``SAMPLERS[name](choices, **kw)``; GDAS-only keywords are dropped for the others."""
+    """``SAMPLERS[name](choices, **kw)``; GDAS-only and DrNAS-only keywords are dropped for
+    the others."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls = SAMPLERS[name]
     if cls is not GDASSampler:
         for k in ("tau_max", "tau_min", "total_steps"):
             kw.pop(k, None)
+    if cls is not DrNASSampler:
+        kw.pop("concentration_scale", None)
     return cls(choices, **kw)
 
 
@@ -320,3 +339,80 @@ def entropy(p: torch.Tensor) -> float:
     p = p.detach().double()
     nz = p[p > 0]
     return float(-(nz * nz.log()).sum()) if nz.numel() else 0.0
+
+
+#: margin (top probability minus the runner-up's) under which a choice is a coin toss,
+#: and under which it is only a lean
+COIN_TOSS_MARGIN = 0.05
+DECIDED_MARGIN = 0.2
+
+
+def decision_report(probs: Mapping[str, Sequence[float]], choices: Mapping[str, Sequence]) -> dict:
+    """How decided a search was, per choice: the final probabilities, the chosen value,
+    its probability and margin over the runner-up, the entropy (nats) and the entropy
+    relative to the uniform one (``norm_entropy``: 1 = uniform, 0 = one-hot), and a verdict:
+    ``coin toss`` (margin < 0.05), ``leaning`` (< 0.2) or ``decided``. ``overall``: the
+    summed entropy, its share of the uniform one, the probability of the derived
+    architecture (the product of the chosen probabilities) and the weakest choice."""
+    import math
+
+    per: dict[str, dict] = {}
+    for n, p in probs.items():
+        p = [float(x) for x in (p.tolist() if isinstance(p, torch.Tensor) else p)]
+        k = len(p)
+        order = sorted(range(k), key=lambda i: -p[i])
+        top = p[order[0]]
+        margin = top - p[order[1]] if k > 1 else 1.0
+        h = entropy(torch.tensor(p))
+        hmax = math.log(k) if k > 1 else 0.0
+        verdict = (
+            "coin toss"
+            if k > 1 and margin < COIN_TOSS_MARGIN
+            else "leaning"
+            if k > 1 and margin < DECIDED_MARGIN
+            else "decided"
+        )
+        per[n] = {
+            "chosen": list(choices[n])[order[0]],
+            "probs": {str(v): round(x, 4) for v, x in zip(choices[n], p)},
+            "max_prob": round(top, 4),
+            "margin": round(margin, 4),
+            "entropy": round(h, 4),
+            "norm_entropy": round(h / hmax, 4) if hmax else 0.0,
+            "verdict": verdict,
+        }
+    h_all = sum(v["entropy"] for v in per.values())
+    hmax_all = sum(math.log(len(choices[n])) for n in per if len(choices[n]) > 1)
+    weakest = min(per, key=lambda n: per[n]["margin"]) if per else None
+    return {
+        "choices": per,
+        "overall": {
+            "entropy": round(h_all, 4),
+            "max_entropy": round(hmax_all, 4),
+            "norm_entropy": round(h_all / hmax_all, 4) if hmax_all else 0.0,
+            "arch_prob": round(math.prod(v["max_prob"] for v in per.values()), 5),
+            "weakest": weakest,
+            "coin_tosses": [n for n, v in per.items() if v["verdict"] == "coin toss"],
+        },
+    }
+
+
+def format_decision(report: Mapping) -> list[str]:
+    """Human-readable lines of :func:`decision_report` (the CLI prints them)."""
+    lines = []
+    for n, v in report["choices"].items():
+        ps = " ".join(f"{k}:{x:.2f}" for k, x in v["probs"].items())
+        lines.append(
+            f"{n}={v['chosen']}: p {v['max_prob']:.2f} (margin {v['margin']:.2f}, entropy "
+            f"{v['norm_entropy']:.0%} of uniform) [{ps}] {v['verdict']}"
+        )
+    o = report["overall"]
+    msg = (
+        f"overall: entropy {o['entropy']:.2f} of {o['max_entropy']:.2f} nats "
+        f"({o['norm_entropy']:.0%} of uniform); probability of the derived architecture "
+        f"{o['arch_prob']:.3f}"
+    )
+    if o["coin_tosses"]:
+        msg += f"; COIN TOSS on {', '.join(o['coin_tosses'])}: the search did not decide these"
+    lines.append(msg)
+    return lines
