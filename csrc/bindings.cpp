@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "tangle.h"
 
@@ -56,6 +57,35 @@ void bwd_cpu(int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_
   tangle::superpose_backward_cpu(a);
 }
 
+void head_partition_cpu(bool scatter, int dtype, int64_t B, int64_t T, int64_t E, int64_t h,
+                        py::list widths, py::list coefs, uintptr_t src, int64_t s_sB,
+                        int64_t s_sT, int64_t s_sH, uintptr_t dst, int64_t d_sB, int64_t d_sT,
+                        int64_t d_sH, bool accumulate, uintptr_t other, int64_t o_sB,
+                        int64_t o_sT, int64_t o_sH, uintptr_t dots) {
+  TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "head partition: float32 or float64");
+  TK_CHECK(B >= 0 && T >= 0 && E > 0 && h > 0 && E % h == 0, "head partition: bad sizes");
+  TK_CHECK(py::len(widths) == py::len(coefs) && py::len(widths) > 0,
+           "head partition: widths and coefs must have the same non-zero length");
+  std::vector<int64_t> w;
+  std::vector<double> c;
+  for (auto x : widths) w.push_back(x.cast<int64_t>());
+  for (auto x : coefs) c.push_back(x.cast<double>());
+  for (auto d : w) TK_CHECK(d >= 1 && d * h <= E, "head partition: head width out of range");
+  TK_CHECK(B * T == 0 || (src && dst), "head partition: null src or dst");
+  TK_CHECK(!other || dots, "head partition: other needs dots");
+  tangle::HeadPartitionArgs a;
+  a.dtype = dtype; a.B = B; a.T = T; a.E = E; a.h = h; a.D = E / h;
+  a.m = static_cast<int>(w.size()); a.widths = w.data(); a.coefs = c.data();
+  a.src = reinterpret_cast<const void*>(src); a.s_sB = s_sB; a.s_sT = s_sT; a.s_sH = s_sH;
+  a.dst = reinterpret_cast<void*>(dst); a.d_sB = d_sB; a.d_sT = d_sT; a.d_sH = d_sH;
+  a.accumulate = accumulate ? 1 : 0;
+  a.other = reinterpret_cast<const void*>(other); a.o_sB = o_sB; a.o_sT = o_sT; a.o_sH = o_sH;
+  a.dots = reinterpret_cast<double*>(dots);
+  py::gil_scoped_release nogil;
+  if (scatter) tangle::head_scatter_cpu(a);
+  else tangle::head_gather_cpu(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -68,6 +98,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nrg"), py::arg("ncg"), py::arg("w"), py::arg("g"), py::arg("dw"), py::arg("t"),
         py::arg("p"), py::arg("rowgrp"), py::arg("runs"), py::arg("nruns"),
         "dw = g * t[cell]; p[cell] = sum over the cell of g * w (deterministic).");
+  m.def("head_partition_cpu", &head_partition_cpu,
+        "Head-partition gather (scatter=False) or scatter (scatter=True), see "
+        "csrc/cpu/head_partition_cpu.cpp.");
   m.def("cpu_num_threads", &tangle::cpu_num_threads);
 #ifdef TK_WITH_OPENMP
   m.attr("with_openmp") = true;

@@ -62,6 +62,29 @@ void superpose_forward_cpu(const SuperposeArgs& a);
 void superpose_backward_cpu(const SuperposeArgs& a);
 int cpu_num_threads();
 
+// Head-partition gather / scatter (csrc/cpu/head_partition_cpu.cpp has the math).
+// Rows (b, t) have strides (s_sB, s_sT) in src, (d_sB, d_sT) in dst and (o_sB, o_sT) in
+// other; the [h, D] side of a gather's dst / other and of a scatter's src has head
+// stride *_sH; columns are contiguous everywhere. widths[i] = d_i = e_i / h.
+struct HeadPartitionArgs {
+  int dtype = kF32;             // kF32 or kF64
+  int64_t B = 0, T = 0;         // rows
+  int64_t E = 0, h = 0, D = 0;  // max width, heads, slot width (E = h * D)
+  int m = 0;                    // embedding candidates
+  const int64_t* widths = nullptr;  // [m] head width d_i of each candidate
+  const double* coefs = nullptr;    // [m] coefficient c_i
+  const void* src = nullptr;
+  int64_t s_sB = 0, s_sT = 0, s_sH = 0;
+  void* dst = nullptr;
+  int64_t d_sB = 0, d_sT = 0, d_sH = 0;
+  int accumulate = 0;           // 1: dst += ..., 0: dst = ...
+  const void* other = nullptr;  // optional: the tensor the dots are taken with
+  int64_t o_sB = 0, o_sT = 0, o_sH = 0;
+  double* dots = nullptr;       // [m] out (when other is set), overwritten
+};
+void head_gather_cpu(const HeadPartitionArgs& a);
+void head_scatter_cpu(const HeadPartitionArgs& a);
+
 #ifdef TK_WITH_CUDA
 // CUDA kernels (csrc/cuda/*.cu); `stream` is a cudaStream_t passed as an integer.
 void superpose_forward_cuda(const SuperposeArgs& a, uintptr_t stream);

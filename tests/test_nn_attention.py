@@ -24,9 +24,41 @@ def mha(q, k, v, h, causal):
     return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
 
 
+def partition_oracle(m: tnn.EntangledAttention, q, k, v, arch):
+    """nanoGPT ``soft_heads="partition"`` written out: for every head count h, q | k | v
+    of every embedding candidate e cut into h heads of width e/h, zero-padded to the
+    max head width E/h, q pre-scaled by sqrt(E/h)/sqrt(e/h) (mha then divides by
+    sqrt(E/h)), mixed with the embedding weights; one mha per h; each candidate's head
+    outputs put back at r e/h + t and mixed with (heads weight) x (embedding weight)."""
+    E = m.embed_dim
+    B, T, _ = q.shape
+    ew = [(m.embed_spec.size(vals), c) for vals, c in combos(m.choices, m.embed_spec.names, arch)]
+    hw = [(m.heads_spec.size(vals), c) for vals, c in combos(m.choices, m.heads_spec.names, arch)]
+    y = 0
+    for h, bh in hw:
+        D = E // h
+        mixed = []
+        for t, is_q in ((q, True), (k, False), (v, False)):
+            acc = 0
+            for e, ae in ew:
+                d = e // h
+                heads = F.pad(t[..., :e].reshape(B, T, h, d), (0, D - d))
+                if is_q:
+                    heads = heads * math.sqrt(D) / math.sqrt(d)
+                acc = acc + ae * heads
+            mixed.append(acc.reshape(B, T, E))
+        o = mha(*mixed, h, m.causal).reshape(B, T, h, D)
+        for e, ae in ew:
+            d = e // h
+            y = y + bh * ae * F.pad(o[..., :d].reshape(B, T, e), (0, E - e))
+    return y
+
+
 def attn_oracle(m: tnn.EntangledAttention):
     """AutoFormer: padded-sum q|k|v and proj weights, ONE attention over H_max heads.
-    nanoGPT: padded-sum projections, attention outputs mixed over (width, heads)."""
+    nanoGPT: padded-sum projections, then ``soft_heads="partition"``: one attention per
+    head count over the embedding-mixed heads (:func:`partition_oracle`); ``"exact"``:
+    attention outputs mixed over (width, heads)."""
     qkv, proj = linear_oracle(m.qkv), linear_oracle(m.proj)
     E = m.embed_dim
 
@@ -34,6 +66,8 @@ def attn_oracle(m: tnn.EntangledAttention):
         q, k, v = qkv(x, arch).split(m.inner, dim=-1)
         if m.mode == "autoformer":
             y = mha(q, k, v, m.num_heads, m.causal)
+        elif m.soft_heads == "partition":
+            y = partition_oracle(m, q, k, v, arch)
         else:
             y = 0
             for vals, c in combos(m.choices, m.names, arch):
@@ -66,9 +100,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_attention_soft_hard_extract(name):
-    m = tnn.EntangledAttention(**CASES[name])
+@pytest.mark.parametrize(
+    "name,soft_heads",
+    [(n, s) for n in CASES for s in (("partition", "exact") if "nanogpt" in n else ("partition",))],
+)
+def test_attention_soft_hard_extract(name, soft_heads):
+    m = tnn.EntangledAttention(**CASES[name], soft_heads=soft_heads)
     x = torch.randn(2, 5, m.embed_dim, requires_grad=True)
     check_soft(m, x, rand_arch(m.choices), attn_oracle(m))
     for vv in (
@@ -125,8 +162,8 @@ def test_attention_errors():
         m(torch.randn(2, 3, 5))
 
 
-# ---------------------------------------------------------------- nanoGPT batched path
-# The soft nanoGPT forward stacks the heads of every (width, heads) candidate into ONE
+# ------------------------------------------------ nanoGPT exact output mixture (option)
+# soft_heads="exact": the soft nanoGPT forward stacks the heads of every (width, heads) candidate into ONE
 # attention call; the per-candidate loop (one call per candidate) is its reference.
 
 BATCHED = {
@@ -139,7 +176,7 @@ BATCHED = {
 
 def make_nanogpt(name, causal, dtype=torch.float32, head_bucket=16):
     kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype, head_bucket=head_bucket,
-              grouped_heads=True)
+              grouped_heads=True, soft_heads="exact")
     kw.update(BATCHED[name])
     return tnn.EntangledAttention(**kw)
 
@@ -181,7 +218,7 @@ def test_nanogpt_batched_gradcheck_fp64():
     and of the whole module w.r.t. x and both arch vectors."""
     m = tnn.EntangledAttention(
         "e", "h", {"e": (4, 8), "h": (2, 4)}, causal=False, dtype=torch.float64, head_bucket=2,
-        grouped_heads=True,
+        grouped_heads=True, soft_heads="exact",
     )
     assert len(m.head_groups) == 2  # widths {2, 1 -> 2} and {4}
     qkv = torch.randn(1, 3, 3 * m.inner, dtype=torch.float64, requires_grad=True)
@@ -215,14 +252,14 @@ def test_nanogpt_one_sdpa_call_per_width_group(sdpa_calls):
     for bucket, n_calls in ((4, 3), (8, 2), (16, 1)):  # widths 8, 16, 4, 8, 2, 4
         sdpa_calls.clear()
         m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, head_bucket=bucket,
-                                   grouped_heads=True)
+                                   grouped_heads=True, soft_heads="exact")
         m(torch.randn(1, 3, 16), rand_arch(m.choices))
         assert len(sdpa_calls) == len(m.head_groups) == n_calls, bucket
     with pytest.raises(ValueError, match="head_bucket=0"):
         tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2)}, head_bucket=0)
     sdpa_calls.clear()
     m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25,
-                               grouped_heads=True)
+                               grouped_heads=True, soft_heads="exact")
     x = torch.randn(2, 5, 16)
     arch = rand_arch(m.choices)
     m.eval()
@@ -247,7 +284,7 @@ def test_nanogpt_one_sdpa_call_per_width_group(sdpa_calls):
 def test_nanogpt_grouping_default_by_device(sdpa_calls):
     """grouped_heads=None: the per-candidate loop on CPU (measured faster there), the
     grouped calls on CUDA; the two agree."""
-    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)})
+    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, soft_heads="exact")
     assert m.grouped_heads is None
     x = torch.randn(1, 3, 16)
     arch = rand_arch(m.choices)
@@ -264,13 +301,128 @@ def test_nanogpt_grouping_default_by_device(sdpa_calls):
 def test_nanogpt_batched_buffers():
     """The index tables are non-persistent buffers: not in the state dict, moved and
     cast with the module; a float32-built module cast to float64 stays exact (the q
-    scale is computed from the integer head widths in the input's dtype)."""
-    m = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)}, grouped_heads=True)
+    multipliers 1/sqrt(d) are a float64 buffer, cast to the input's dtype per call)."""
+    m = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)}, grouped_heads=True,
+                               soft_heads="exact")
     assert not [k for k in m.state_dict() if "_hd_" in k]
     assert (m.heads_total, m.head_pad) == (10, 6)
-    m2 = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)})
+    m2 = tnn.EntangledAttention("e", "h", {"e": (6, 12), "h": (2, 3)}, soft_heads="exact")
     m2.load_state_dict(m.state_dict())  # the same keys as a module without the tables
     m = m.double()
     x = torch.randn(2, 4, 12, dtype=torch.float64)
     arch = rand_arch(m.choices, torch.float64)
     torch.testing.assert_close(m(x, arch), loop_forward(m)(x, arch), **TOL[torch.float64])
+
+
+# ------------------------------------------- nanoGPT head partitions (the default)
+PARTITION = {
+    "two widths": dict(choices={"e": (4, 8), "h": (1, 2, 4)}),
+    "three widths": dict(choices={"e": (4, 6, 12), "h": (1, 2)}),
+    "fixed width": dict(embed_dim=12, choices={"h": (1, 3, 4, 6)}),
+    "fixed heads": dict(num_heads=2, choices={"e": (2, 6, 10)}),
+}
+
+
+def make_partition(name, causal=True, dtype=torch.float32, soft_heads="partition"):
+    kw = dict(embed_dim="e", num_heads="h", causal=causal, dtype=dtype, soft_heads=soft_heads)
+    kw.update(PARTITION[name])
+    return tnn.EntangledAttention(**kw)
+
+
+@pytest.mark.parametrize("name", list(PARTITION))
+def test_partition_one_hot_equals_exact_and_extract(name):
+    """Under a one-hot SOFT arch (a plain dict: the soft path runs) the head-partition
+    relaxation, the exact output mixture and the extracted sub-network agree, for every
+    candidate; under a non-one-hot arch the two relaxations differ when the embedding
+    width is a choice (so the comparison above is not vacuous) and coincide when it is
+    not."""
+    torch.manual_seed(0)
+    part = make_partition(name, dtype=torch.float64)
+    exact = make_partition(name, dtype=torch.float64, soft_heads="exact")
+    exact.load_state_dict(part.state_dict())
+    x = torch.randn(2, 5, part.embed_dim, dtype=torch.float64)
+    for combo in combos(part.choices, part.names, {n: torch.ones(len(v)) for n, v in part.choices.items()}):
+        sel = combo[0]
+        arch = {n: tnn.one_hot_arch(part.choices, sel)[n].double() for n in part.choices}
+        y_p, y_e = part(x, arch), exact(x, arch)
+        sub = part.extract(sel)
+        w = sub.embed_dim
+        ref = F.pad(sub(x[..., :w]), (0, part.embed_dim - w))
+        torch.testing.assert_close(y_p, ref, **TOL[torch.float64])
+        torch.testing.assert_close(y_e, ref, **TOL[torch.float64])
+    arch = rand_arch(part.choices, torch.float64)
+    if part.embed_spec.names:
+        assert max_err(part(x, arch), exact(x, arch)) > 1e-3
+    else:  # one embedding width: both are sum_h b_h attend_h, the same relaxation
+        torch.testing.assert_close(part(x, arch), exact(x, arch), **TOL[torch.float64])
+
+
+def test_partition_paper_slots_break_one_hot():
+    """The TangleNAS code's head slots (head r at r E/h, scale 1/sqrt(E/h)) do not give
+    the extracted sub-network for a non-max embedding width; ours does (same input)."""
+    torch.manual_seed(1)
+    m = make_partition("two widths", dtype=torch.float64)  # e in (4, 8), h in (1, 2, 4)
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    sel = {"e": 4, "h": 2}
+    arch = {n: tnn.one_hot_arch(m.choices, sel)[n].double() for n in m.choices}
+    q, k, v = m.qkv(x, arch).split(m.inner, dim=-1)
+    B, T, E = q.shape
+    h, D = 2, E // 2
+    paper = mha(q, k, v, h, m.causal)  # slots of width E/h over the max width, 1/sqrt(E/h)
+    sub = m.extract(sel)
+    ref = F.pad(sub(x[..., :4]), (0, 4))
+    assert max_err(m.proj(paper, arch), ref) > 1e-3
+    torch.testing.assert_close(m(x, arch), ref, **TOL[torch.float64])
+    assert D == 4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", list(PARTITION))
+def test_partition_soft_vs_oracle_fp32(name, causal):
+    m = make_partition(name, causal)
+    x = torch.randn(2, 6, m.embed_dim, requires_grad=True)
+    # atol: the k-bias gradient is exactly 0 in exact arithmetic (softmax is shift
+    # invariant), so both sides are float32 rounding noise of two attention
+    # implementations summed over B*T = 12 rows (~1e-4); everything else is O(1)
+    tol = dict(rtol=2e-5, atol=2e-4)
+    y = check_soft(m, x, rand_arch(m.choices), attn_oracle(m), tol=tol)
+    assert y.abs().max() > 0.01
+
+
+def test_partition_gradcheck_fp64():
+    """gradcheck of the module's head-partition path w.r.t. x and both arch vectors
+    (on CPU: the one-node fused path with the C++ gathers)."""
+    m = make_partition("three widths", causal=True, dtype=torch.float64)
+    x = torch.randn(1, 3, 12, dtype=torch.float64, requires_grad=True)
+    a = rand_arch(m.choices, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, e, h: m(x, {"e": e, "h": h}), (x, a["e"], a["h"]))
+
+
+def test_partition_one_attention_call_per_head_count(monkeypatch):
+    """Soft arch: one attention call per head count (3 here; the exact mixture makes
+    K_E * K_H = 6), on the fused path and on the composition (dropout in training)."""
+    import tangle_kernels.ops.head_partition as hp
+
+    calls = []
+    real_flash, real_sdpa = hp._FLASH, F.scaled_dot_product_attention
+
+    def flash(*a, **k):
+        calls.append("flash")
+        return real_flash(*a, **k)
+
+    def sdpa(*a, **k):
+        calls.append("sdpa")
+        return real_sdpa(*a, **k)
+
+    monkeypatch.setattr(hp, "_FLASH", flash)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25)
+    x = torch.randn(2, 5, 16)
+    arch = rand_arch(m.choices)
+    m.eval()
+    m(x, arch).sum().backward()
+    assert calls == ["flash"] * 3
+    calls.clear()
+    m.train()
+    m(x, arch)
+    assert calls == ["sdpa"] * 3

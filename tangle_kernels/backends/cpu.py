@@ -40,3 +40,43 @@ def backward(g2d: torch.Tensor, w2d: torch.Tensor, t: torch.Tensor, tabs: dict):
         runs.shape[0],
     )
     return dw, p
+
+
+def _rows(t: torch.Tensor, ndim: int):
+    if t.dim() != ndim or t.stride(-1) != 1:
+        raise ValueError(f"head partition: expected a {ndim}-D tensor with contiguous columns, "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+    return t.stride()
+
+
+def head_partition(scatter: bool, src: torch.Tensor, dst: torch.Tensor, heads: int,
+                   widths, coefs, *, accumulate: bool, other: torch.Tensor | None = None):
+    """The head-partition gather (``scatter=False``: ``src [B, T, >=E]`` -> ``dst [B, T,
+    h, D]``) or scatter (``scatter=True``: ``src [B, T, h, D]`` -> ``dst [B, T, E]``) of
+    csrc/cpu/head_partition_cpu.cpp, on strided views (columns contiguous) in place.
+    ``widths``/``coefs``: per embedding candidate its head width ``d_i`` and coefficient.
+    Returns the dots with ``other`` (float64 ``[m]``) or None."""
+    if src.dtype not in (torch.float32, torch.float64) or dst.dtype != src.dtype:
+        raise ValueError(f"head partition: float32/float64, got {src.dtype} -> {dst.dtype}")
+    hd, flat = (src, dst) if scatter else (dst, src)
+    B, T, h, D = hd.shape
+    if h != heads:
+        raise ValueError(f"head partition: {hd.shape[2]} head slots for {heads} heads")
+    s = _rows(src, 4 if scatter else 3)
+    d = _rows(dst, 3 if scatter else 4)
+    dots = None
+    o = (0, 0, 0)
+    if other is not None:
+        if other.dtype != src.dtype or other.shape != dst.shape:
+            raise ValueError("head partition: other must have dst's shape and dtype")
+        o = _rows(other, dst.dim())
+        dots = torch.empty(len(widths), dtype=torch.float64)
+    _C.head_partition_cpu(
+        bool(scatter), DTYPE_CODES[src.dtype], B, T, h * D, h, list(widths), list(coefs),
+        src.data_ptr(), s[0], s[1], s[2] if scatter else 0,
+        dst.data_ptr(), d[0], d[1], 0 if scatter else d[2], bool(accumulate),
+        other.data_ptr() if other is not None else 0, o[0], o[1],
+        (o[2] if not scatter else 0) if other is not None else 0,
+        dots.data_ptr() if dots is not None else 0,
+    )
+    return dots

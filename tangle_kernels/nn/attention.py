@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import plain
+from ..ops.head_partition import PartitionPlan, partition_attention
 from .arch import HardArch
 from .base import EntangledModule
 from .linear import EntangledLinear
@@ -34,13 +35,20 @@ class EntangledAttention(EntangledModule):
             output projection.
         causal: causal mask (``is_causal`` of ``scaled_dot_product_attention``).
         dropout: attention dropout probability in training.
-        head_bucket: nanoGPT mode: candidate heads whose widths round up to the same
-            multiple of this share one attention call (see below).
-        grouped_heads: nanoGPT mode: ``True`` = the grouped calls, ``False`` = one call
-            per candidate, ``None`` (default) = grouped on CUDA (where the per-candidate
-            calls are launch-bound), per candidate elsewhere (on CPU the loop was
-            1.5x faster: 196 vs 291 ms per nanoGPT supernet step, batch 32, 2 cores;
-            the gather/scatter along the last dimension costs more than it saves).
+        soft_heads: nanoGPT mode, soft arch: ``"partition"`` (default) = the TangleNAS
+            relaxation at the cost of ONE attention call per head-count candidate (q, k,
+            v mixed over the embedding candidates inside each head count's partition,
+            :mod:`tangle_kernels.ops.head_partition`); ``"exact"`` = the exact output
+            mixture over every (embedding, heads) candidate (one call per candidate, or
+            per width group with ``grouped_heads``). Both equal the extracted
+            sub-network under a one-hot arch.
+        head_bucket: ``soft_heads="exact"``: candidate heads whose widths round up to
+            the same multiple of this share one attention call (see below).
+        grouped_heads: ``soft_heads="exact"``: ``True`` = the grouped calls, ``False`` =
+            one call per candidate, ``None`` (default) = grouped on CUDA (where the
+            per-candidate calls are launch-bound), per candidate elsewhere (on CPU the
+            loop was 1.5x faster: 196 vs 291 ms per nanoGPT supernet step, batch 32, 2
+            cores; the gather/scatter along the last dimension costs more than it saves).
 
     Submodules: ``qkv = EntangledLinear(E, inner, out_segments=3)`` (q | k | v stacked,
     each prefix-sliced) and ``proj = EntangledLinear(inner, E)``.
@@ -50,8 +58,30 @@ class EntangledAttention(EntangledModule):
     - AutoFormer mode: the weights are superposed (heads beyond the candidate's get
       zero q/k/v columns), and ONE attention call runs over ``H_max`` heads of width
       ``head_dim``: the cost of the max-size attention.
-    - nanoGPT mode: a head count cannot be expressed as a mask (it re-partitions the
-      width), so the outputs of the candidate partitions are mixed::
+    - nanoGPT mode, ``soft_heads="partition"`` (default): a head count cannot be
+      expressed as a weight mask (it re-partitions the width). With ``a`` the weights
+      of the embedding candidates ``e_i``, ``b`` those of the head counts ``h_j``,
+      ``D_j = E_max / h_j``, ``d_ij = e_i / h_j`` and ``G_ij`` the zero-padding gather
+      of head ``r``'s columns ``[r d_ij, (r+1) d_ij)`` into slot ``r`` of width
+      ``D_j``::
+
+          q, k, v = split(qkv(x, arch))                   (superposed weights, E_max)
+          Q_j = sum_i a_i d_ij^(-1/2) G_ij(q),  K_j = sum_i a_i G_ij(k),
+          V_j = sum_i a_i G_ij(v)
+          y = sum_j b_j sum_i a_i G_ij^T(attend(Q_j, K_j, V_j, h_j heads, scale 1))
+          out = proj(y, arch)
+
+      one attention call per head count at the max width (the cost floor of any soft
+      relaxation of the heads choice). Under a one-hot arch ``y`` is exactly the
+      sub-network's attention output, zero-padded. The TangleNAS code does not keep
+      that invariant for a non-max embedding width: it splits the max-width q into
+      slots of width ``E_max / h`` (head ``r`` at ``r E_max / h``, where the extracted
+      network's projection reads ``r e / h``) and scales by ``1/sqrt(E_max / h)``;
+      here the gather, the per-candidate scale and the scatter back to ``r e / h``
+      fix both. On CPU the whole block is one autograd node that keeps only ``qkv``
+      and each call's output (the gathers are recomputed in backward).
+    - nanoGPT mode, ``soft_heads="exact"``: the outputs of the candidate partitions are
+      mixed::
 
           q, k, v = split(qkv(x, arch))                    (superposed weights, E_max)
           y = sum_{(e, h)} mix_(e,h) * pad(attend(q[..., :e], k[..., :e], v[..., :e], h))
@@ -94,6 +124,7 @@ class EntangledAttention(EntangledModule):
         proj_bias: bool | None = None,
         causal: bool = False,
         dropout: float = 0.0,
+        soft_heads: str = "partition",
         head_bucket: int = 16,
         grouped_heads: bool | None = None,
         device=None,
@@ -106,6 +137,9 @@ class EntangledAttention(EntangledModule):
         if grouped_heads not in (None, True, False):
             raise ValueError(f"grouped_heads={grouped_heads!r} must be None, True or False")
         self.grouped_heads = grouped_heads
+        if soft_heads not in ("partition", "exact"):
+            raise ValueError(f"soft_heads={soft_heads!r} must be 'partition' or 'exact'")
+        self.soft_heads = soft_heads
         self.embed_spec = WidthSpec(embed_dim, choices, "embed_dim")
         self.heads_spec = WidthSpec(num_heads, choices, "num_heads")
         self.causal, self.dropout = bool(causal), float(dropout)
@@ -151,6 +185,11 @@ class EntangledAttention(EntangledModule):
                 for c in itertools.product(*(self.choices[n] for n in self.names))
             ]
             self._build_head_tables(device)
+            self._plan = None
+            if not set(self.embed_spec.names) & set(self.heads_spec.names):
+                self._plan = PartitionPlan(
+                    self.embed_dim, self.embed_spec.sizes(), self.heads_spec.sizes()
+                )
 
     def _build_head_tables(self, device) -> None:
         """Index tables of the batched nanoGPT-mode attention (non-persistent buffers).
@@ -223,6 +262,16 @@ class EntangledAttention(EntangledModule):
         # In place on a fresh zero tensor (no clone); the gradient flows to ``o``.
         return qkv.new_zeros(B, T, self.embed_dim).index_add_(-1, self._hd_dst, o)
 
+    def _forward_partition_heads(self, qkv: torch.Tensor, arch) -> torch.Tensor:
+        """nanoGPT mode, ``soft_heads="partition"``: one attention call per head count
+        (see the class docstring). ``qkv [B, T, 3 E_max]`` -> ``y [B, T, E_max]``."""
+        one = qkv.new_ones(1)
+        es, hs = self.embed_spec.names, self.heads_spec.names
+        a = self._mix(arch, es) if es else one
+        b = self._mix(arch, hs) if hs else one
+        p = self.dropout if self.training else 0.0
+        return partition_attention(qkv, a, b, self._plan, causal=self.causal, dropout_p=p)
+
     def _forward_partitions_loop(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor
     ) -> torch.Tensor:
@@ -259,6 +308,8 @@ class EntangledAttention(EntangledModule):
             q, k, v = qkv.split(self.inner, dim=-1)
             y = self._attend(q, k, v, self.num_heads)
         else:
+            if self.soft_heads == "partition" and self._plan is not None:
+                return self.proj(self._forward_partition_heads(qkv, arch), arch)
             mix = self._mix(arch, self.names)
             grouped = self.grouped_heads
             if grouped is None:
@@ -276,6 +327,19 @@ class EntangledAttention(EntangledModule):
         qkv = self.qkv.forward_hard(x, arch, pad_output=False)
         inner = qkv.shape[-1] // 3
         q, k, v = qkv.split(inner, dim=-1)
+        if self.act_names and self.soft_heads == "partition" and self._plan is not None:
+            # The straight-through gradient of the head-partition relaxation at this
+            # one-hot point: the embedding entry scales q, k, v and the output, the
+            # heads entry the output (values 1: the forward is the sub-network's).
+            se = self._scale(arch, self.embed_spec.names, q.dtype) if self.embed_spec.names else None
+            sh = self._scale(arch, self.heads_spec.names, q.dtype) if self.heads_spec.names else None
+            if se is not None:
+                q, k, v = q * se, k * se, v * se
+            y = self._attend(q, k, v, h)
+            s = se if sh is None else (sh if se is None else se * sh)
+            if s is not None:
+                y = y * s
+            return self.proj.forward_hard(y, arch, sliced_input=True)
         y = self._attend(q, k, v, h)
         if self.act_names:
             s = self._scale(arch, self.act_names, y.dtype)
@@ -312,4 +376,5 @@ class EntangledAttention(EntangledModule):
             f"embed_dim={self.embed_spec.spec!r} (max {self.embed_dim}), "
             f"num_heads={self.heads_spec.spec!r} (max {self.num_heads}), {hd}, "
             f"mode={self.mode}, causal={self.causal}"
+            + (f", soft_heads={self.soft_heads}" if self.mode == "nanogpt" else "")
         )

@@ -30,6 +30,16 @@ Class attribute ``search_defaults`` gives the driver's training defaults for the
 ``SearchConfig`` field), used where the user gives no flag. A space with a tabular
 benchmark implements :meth:`SearchSpace.query_benchmark` (``--benchmark FILE``).
 
+**Per-layer choices.** A space may name ``layer_choices`` (e.g. ``heads`` and
+``mlp_ratio`` of a transformer) and its ``depth_choice`` (``layers``). With the hparam
+``per_layer=true`` each such choice ``n`` becomes one choice per layer, ``n_0 ..
+n_{L-1}`` (``L`` = the largest depth), every one starting from ``n``'s values: the
+samplers then keep one architecture vector per layer (the paper's ``[max_layers, K]``
+architecture tensors) and a derived architecture has one value per layer. ``--choice
+n=...`` sets the values of every layer, ``--choice n_3=...`` those of layer 3 only.
+With ``per_layer=false`` the layers share one choice ``n``. A layer beyond the chosen
+depth does not run; its choice is kept in the selection (and ignored by the model).
+
 To add a space: subclass :class:`SearchSpace`, set ``name``, ``description``,
 ``default_choices``, ``default_hparams`` (and ``presets``), implement ``make_data``,
 ``build_supernet`` and ``loss`` (and ``check`` for semantic constraints), then
@@ -147,6 +157,10 @@ class SearchSpace:
     minimize: ClassVar[bool] = True
     #: the driver's defaults for this space (``SearchConfig`` field -> value)
     search_defaults: ClassVar[dict[str, Any]] = {}
+    #: choices a layer can take on its own (hparam ``per_layer``; module docstring)
+    layer_choices: ClassVar[tuple[str, ...]] = ()
+    #: the depth choice whose largest value is the number of layers
+    depth_choice: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -164,7 +178,12 @@ class SearchSpace:
             ch.update({n: list(v) for n, v in p.get("choices", {}).items()})
             hp.update(p.get("hparams", {}))
         self.preset = preset
+        layer_over: dict[tuple[str, int], list] = {}
         for n, v in (choices or {}).items():
+            lc = self._layer_choice_of(n) if n not in ch else None
+            if lc is not None:
+                layer_over[lc] = list(v)
+                continue
             if n not in ch:
                 raise SpaceError(
                     f"space {self.name!r} has no choice {n!r} (choices: {', '.join(ch)})"
@@ -182,9 +201,70 @@ class SearchSpace:
             ch[n] = [_coerce(v, like, f"choice {n}") for v in vals]
             if len(set(ch[n])) != len(ch[n]):
                 raise SpaceError(f"choice {n!r}: duplicate values in {ch[n]}")
-        self.choices: dict[str, list] = ch
         self.hparams: dict[str, Any] = hp
+        #: the shared values of each per-layer choice (``layer_choices`` -> values)
+        self.layer_templates: dict[str, list] = {}
+        self.choices: dict[str, list] = self._expand_layers(ch, layer_over)
         self.check()
+
+    # ------------------------------------------------------------ per layer
+    @property
+    def per_layer(self) -> bool:
+        """Whether the ``layer_choices`` are one choice per layer (hparam ``per_layer``)."""
+        return bool(self.layer_choices) and bool(self.hparams.get("per_layer", False))
+
+    def _layer_choice_of(self, name: str) -> tuple[str, int] | None:
+        """``"heads_3"`` -> ``("heads", 3)`` for a per-layer choice name, else None."""
+        base, sep, idx = name.rpartition("_")
+        if sep and base in self.layer_choices and idx.isdigit():
+            return base, int(idx)
+        return None
+
+    def layer_choice(self, name: str, layer: int) -> str:
+        """The choice name that layer ``layer`` uses for the per-layer choice ``name``:
+        ``name_<layer>`` with ``per_layer``, else ``name``."""
+        return f"{name}_{layer}" if self.per_layer else name
+
+    def _expand_layers(self, ch: dict[str, list], over: dict[tuple[str, int], list]) -> dict:
+        if not self.per_layer:
+            if over:
+                names = ", ".join(f"{n}_{i}" for n, i in over)
+                raise SpaceError(
+                    f"space {self.name!r}: choice {names} is per layer; set the hparam "
+                    f"per_layer=true (--hp per_layer=true) to use per-layer choices"
+                )
+            return ch
+        L = max(int(v) for v in ch[self.depth_choice])
+        for (n, i), vals in over.items():
+            if i >= L:
+                raise SpaceError(
+                    f"choice {n}_{i}: layer {i} does not exist (the largest "
+                    f"{self.depth_choice} is {L}: layers 0..{L - 1})"
+                )
+            like = ch[n][0]
+            vals = [_coerce(v, like, f"choice {n}_{i}") for v in vals]
+            if not vals or len(set(vals)) != len(vals):
+                raise SpaceError(f"choice {n}_{i}: needs distinct values, got {vals}")
+            over[(n, i)] = vals
+        out: dict[str, list] = {}
+        for n, vals in ch.items():
+            if n in self.layer_choices:
+                self.layer_templates[n] = list(vals)
+                for i in range(L):
+                    out[f"{n}_{i}"] = list(over.get((n, i), vals))
+            else:
+                out[n] = vals
+        return out
+
+    def layer_values(self, name: str) -> list:
+        """Every value the choice ``name`` (a ``layer_choices`` name) can take in any layer."""
+        if not self.per_layer:
+            return list(self.choices[name])
+        vals: dict = {}
+        for n, v in self.choices.items():
+            if self._layer_choice_of(n) is not None and self._layer_choice_of(n)[0] == name:
+                vals.update(dict.fromkeys(v))
+        return list(vals)
 
     # ---------------------------------------------------------------- describe
     def check(self) -> None:
@@ -192,11 +272,10 @@ class SearchSpace:
 
     def config(self) -> dict:
         """A JSON-able description; ``type(self).from_config(cfg)`` rebuilds the space."""
-        return {
-            "name": self.name,
-            "choices": copy.deepcopy(self.choices),
-            "hparams": dict(self.hparams),
-        }
+        choices = copy.deepcopy(self.choices)
+        if self.per_layer:  # the shared values too: from_config then builds the same space
+            choices = {**{n: self.layer_values(n) for n in self.layer_templates}, **choices}
+        return {"name": self.name, "choices": choices, "hparams": dict(self.hparams)}
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> SearchSpace:
@@ -221,8 +300,21 @@ class SearchSpace:
         return out
 
     def describe(self, selection: Mapping[str, Any]) -> str:
-        """A short one-line form of a selection (progress bar)."""
-        return " ".join(f"{n}={selection[n]}" for n in self.choices)
+        """A short one-line form of a selection (progress bar); per-layer choices are
+        listed as ``heads=4,2,6`` over the layers the selection's depth runs."""
+        if not self.per_layer:
+            return " ".join(f"{n}={selection[n]}" for n in self.choices)
+        depth = int(selection[self.depth_choice])
+        parts, done = [], set()
+        for n in self.choices:
+            lc = self._layer_choice_of(n)
+            if lc is None:
+                parts.append(f"{n}={selection[n]}")
+            elif lc[0] not in done:
+                done.add(lc[0])
+                vals = [selection[f"{lc[0]}_{i}"] for i in range(depth)]
+                parts.append(f"{lc[0]}={','.join(map(str, vals)) or '-'}")
+        return " ".join(parts)
 
     def hard_arch(self, selection: Mapping[str, Any], device=None):
         """The one-hot :class:`~tangle_kernels.nn.arch.HardArch` of ``selection``."""
@@ -236,9 +328,16 @@ class SearchSpace:
         raise SpaceError(f"space {self.name!r} has no tabular benchmark to query")
 
     def restricted(self, selection: Mapping[str, Any]) -> SearchSpace:
-        """The same space with every choice fixed to ``selection``'s value."""
+        """The same space with every choice fixed to ``selection``'s value (per-layer
+        choices of layers beyond the selected depth are dropped: those layers do not
+        exist in the restricted space)."""
         sel = self.check_selection(selection)
-        return type(self)(choices={n: [v] for n, v in sel.items()}, hparams=self.hparams)
+        ch = {n: [v] for n, v in sel.items()}
+        if self.per_layer:
+            depth = int(sel[self.depth_choice])
+            ch = {n: v for n, v in ch.items()
+                  if (lc := self._layer_choice_of(n)) is None or lc[1] < depth}
+        return type(self)(choices=ch, hparams=self.hparams)
 
     # -------------------------------------------------------------------- data
     def make_data(self, source: str | None) -> DataSource:
@@ -279,7 +378,8 @@ class SearchSpace:
         the supernet of the space restricted to ``selection`` (so every layer is
         initialised at the sub-network's own fan-in), extracted."""
         sub = self.restricted(selection)
-        return sub.extract(sub.build_supernet(data), selection)
+        sel = {n: v for n, v in self.check_selection(selection).items() if n in sub.choices}
+        return sub.extract(sub.build_supernet(data), sel)
 
     @staticmethod
     def param_count(model: nn.Module) -> int:

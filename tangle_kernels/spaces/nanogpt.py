@@ -13,10 +13,26 @@ Supernet (all widths at their max, sub-widths zero-padded; built from
            proj: embed * mlp_ratio -> embed                the default choices
     logits = lm_head(ln_f(x))                              vocab = the corpus' characters
 
-The choices are global (one embedding width, head count and MLP ratio shared by every
-layer). The default sizes are small so that the README's CPU search finishes in a few
-minutes; preset ``paper`` has the TangleNAS GPT values (embed 384/576/768, heads
-6/8/12, MLP ratio 2/3/4, layers 10/11/12, context 256) for GPU runs.
+The embedding width and the depth are global. The head count and the MLP ratio are
+per layer as in the paper (hparam ``per_layer=true``: choices ``heads_0 .. heads_{L-1}``
+and ``mlp_ratio_0 ..``, one architecture vector per layer, the paper's ``[max_layers,
+K]`` architecture tensors) or shared by every layer (``per_layer=false``: one ``heads``
+and one ``mlp_ratio``). Presets:
+
+- default (no preset): embed 32/48/64, heads 2/4, MLP ratio 2/3/4, layers 1/2/3, context
+  64, SHARED choices. Small so that the README's CPU search finishes in a few minutes;
+  shared so the space has 54 architectures, few enough to train every one of them from
+  scratch and rank what a search derives against all of them
+  (``benchmarks/search_quality.py``); per layer it would have 2,106.
+- ``tinyshakespeare``: the paper's Tiny Shakespeare space (embed 96/192/384, heads 2/4/6,
+  MLP ratio 2/3/4, layers 4/5/6, context 256, dropout 0.2), per layer.
+- ``paper`` (alias ``gpt2``): the TangleNAS GPT-2 space (embed 384/576/768, heads
+  6/8/12, MLP ratio 2/3/4, layers 10/11/12, context 256, dropout 0.2), per layer (GPU).
+
+Attention under a soft arch (hparam ``soft_heads``): ``partition`` (default), one
+attention call per head count per layer (the paper's relaxation, with its one-hot
+inconsistency fixed; :class:`~tangle_kernels.nn.EntangledAttention`), or ``exact``, the
+output mixture over every (embedding, heads) candidate.
 
 Data (``--data``): nothing (the embedded Sonnets corpus, :mod:`tangle_kernels.data`), a
 path to any text file (char-level; first 90% train, the rest validation), or
@@ -66,15 +82,25 @@ class TextSource:
 class GPTBlock(nn.Module):
     """Pre-LayerNorm transformer block with entangled widths (see the module docstring)."""
 
-    def __init__(self, choices: Mapping[str, list], *, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        choices: Mapping[str, list],
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        heads: str = "heads",
+        mlp_ratio: str = "mlp_ratio",
+        soft_heads: str = "partition",
+    ):
         super().__init__()
         self.ln1 = tnn.EntangledLayerNorm("embed", choices, bias=bias)
         self.attn = tnn.EntangledAttention(
-            "embed", "heads", choices, causal=True, dropout=dropout, bias=bias
+            "embed", heads, choices, causal=True, dropout=dropout, bias=bias,
+            soft_heads=soft_heads,
         )
         self.ln2 = tnn.EntangledLayerNorm("embed", choices, bias=bias)
-        self.fc = tnn.EntangledLinear("embed", ("embed", "mlp_ratio"), choices, bias=bias)
-        self.proj = tnn.EntangledLinear(("embed", "mlp_ratio"), "embed", choices, bias=bias)
+        self.fc = tnn.EntangledLinear("embed", ("embed", mlp_ratio), choices, bias=bias)
+        self.proj = tnn.EntangledLinear(("embed", mlp_ratio), "embed", choices, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, arch=None) -> torch.Tensor:
@@ -93,6 +119,8 @@ class GPTSupernet(nn.Module):
         *,
         dropout: float = 0.0,
         bias: bool = True,
+        per_layer: bool = False,
+        soft_heads: str = "partition",
     ):
         super().__init__()
         self.block_size = block_size
@@ -100,7 +128,14 @@ class GPTSupernet(nn.Module):
         self.wpe = tnn.EntangledEmbedding(block_size, "embed", choices)
         self.drop = nn.Dropout(dropout)
         n = max(choices["layers"])
-        blocks = [GPTBlock(choices, dropout=dropout, bias=bias) for _ in range(n)]
+        blocks = [
+            GPTBlock(
+                choices, dropout=dropout, bias=bias, soft_heads=soft_heads,
+                heads=f"heads_{i}" if per_layer else "heads",
+                mlp_ratio=f"mlp_ratio_{i}" if per_layer else "mlp_ratio",
+            )
+            for i in range(n)
+        ]
         self.blocks = tnn.DepthMixer(blocks, "layers", choices)
         self.ln_f = tnn.EntangledLayerNorm("embed", choices, bias=bias)
         self.lm_head = tnn.EntangledLinear("embed", vocab_size, choices, bias=False)
@@ -134,6 +169,8 @@ class NanoGPTSpace(SearchSpace):
 
     name = "nanogpt"
     description = "character-level GPT (embedding width, heads, MLP ratio, layers)"
+    layer_choices = ("heads", "mlp_ratio")
+    depth_choice = "layers"
     default_choices = {
         "embed": [32, 48, 64],
         "heads": [2, 4],
@@ -146,22 +183,34 @@ class NanoGPTSpace(SearchSpace):
         "bias": True,
         "train_fraction": 0.9,
         "synthetic_vocab": 32,
+        "per_layer": False,
+        "soft_heads": "partition",
     }
     presets = {
         "tiny": {  # unit tests
             "choices": {"embed": [16, 24], "heads": [2, 4], "mlp_ratio": [2, 4], "layers": [1, 2]},
             "hparams": {"block_size": 32},
         },
-        "paper": {  # TangleNAS GPT space (GPU)
+        "tinyshakespeare": {  # TangleNAS Tiny Shakespeare space (per layer)
+            "choices": {
+                "embed": [96, 192, 384],
+                "heads": [2, 4, 6],
+                "mlp_ratio": [2, 3, 4],
+                "layers": [4, 5, 6],
+            },
+            "hparams": {"block_size": 256, "dropout": 0.2, "per_layer": True},
+        },
+        "paper": {  # TangleNAS GPT-2 space (GPU, per layer)
             "choices": {
                 "embed": [384, 576, 768],
                 "heads": [6, 8, 12],
                 "mlp_ratio": [2, 3, 4],
                 "layers": [10, 11, 12],
             },
-            "hparams": {"block_size": 256, "dropout": 0.2},
+            "hparams": {"block_size": 256, "dropout": 0.2, "per_layer": True},
         },
     }
+    presets["gpt2"] = presets["paper"]
     metric = "loss"
     minimize = True
     search_defaults = {
@@ -185,18 +234,22 @@ class NanoGPTSpace(SearchSpace):
 
     def check(self) -> None:
         ch, hp = self.choices, self.hparams
-        for n in ("embed", "heads", "mlp_ratio", "layers"):
+        for n in ch:
             bad = [v for v in ch[n] if v < 1]
             if bad:
                 raise SpaceError(f"choice {n}: values must be positive integers, got {bad}")
+        heads = [n for n in ch if n == "heads" or n.startswith("heads_")]
         for e in ch["embed"]:
-            bad = [h for h in ch["heads"] if e % h]
-            if bad:
-                raise SpaceError(
-                    f"choice heads={bad[0]} does not divide embed={e}: in the nanoGPT space "
-                    f"the heads partition the embedding width (head dim = embed / heads); "
-                    f"use head counts that divide every embed value {ch['embed']}"
-                )
+            for n in heads:
+                bad = [h for h in ch[n] if e % h]
+                if bad:
+                    raise SpaceError(
+                        f"choice {n}={bad[0]} does not divide embed={e}: in the nanoGPT "
+                        f"space the heads partition the embedding width (head dim = embed / "
+                        f"heads); use head counts that divide every embed value {ch['embed']}"
+                    )
+        if hp["soft_heads"] not in ("partition", "exact"):
+            raise SpaceError(f"hparam soft_heads={hp['soft_heads']!r}: 'partition' or 'exact'")
         if hp["block_size"] < 1:
             raise SpaceError(f"hparam block_size={hp['block_size']}: must be >= 1")
         if not 0.0 <= hp["dropout"] < 1.0:
@@ -222,7 +275,8 @@ class NanoGPTSpace(SearchSpace):
     def build_supernet(self, data: TextSource) -> GPTSupernet:
         hp = self.hparams
         return GPTSupernet(
-            data.vocab_size, hp["block_size"], self.choices, dropout=hp["dropout"], bias=hp["bias"]
+            data.vocab_size, hp["block_size"], self.choices, dropout=hp["dropout"],
+            bias=hp["bias"], per_layer=self.per_layer, soft_heads=hp["soft_heads"],
         )
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
@@ -230,5 +284,3 @@ class NanoGPTSpace(SearchSpace):
         logits = model(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    def describe(self, selection: Mapping[str, Any]) -> str:
-        return " ".join(f"{n}={selection[n]}" for n in self.choices)

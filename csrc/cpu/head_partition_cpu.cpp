@@ -1,0 +1,179 @@
+// C++/OpenMP kernels of the head-partition attention (tangle_kernels/ops/head_partition.py).
+//
+// The nanoGPT space's heads partition the width: for h heads and an embedding
+// candidate of width e (head width d = e / h), head r reads the columns [r d, r d + d).
+// One attention call per head count runs at the max width E = h * D, so each candidate's
+// heads are gathered into slots of width D, zero beyond d:
+//
+//   gather:  dst[b, t, r, u]   (+)= sum_{i : u < d_i} c_i * src[b, t, r d_i + u]
+//            dots[i]            += sum_{r, u < d_i} src[b, t, r d_i + u] * other[b, t, r, u]
+//   scatter: dst[b, t, r d_i + u] (+)= sum_i c_i * src[b, t, r, u]        (u < d_i)
+//            dots[i]            += sum_{r, u < d_i} src[b, t, r, u] * other[b, t, r d_i + u]
+//
+// (scatter is the transpose of gather: the backward of one is the other, and the dots
+// are the gradients of the coefficients). Every row (b, t) is independent; rows are
+// split in fixed chunks whose partial dots are added in chunk order, so the dots are
+// bitwise deterministic for any thread count. Strided views are read in place (columns
+// contiguous), so the caller never copies q | k | v or the attention outputs.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#ifdef TK_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "tangle.h"
+
+namespace tangle {
+namespace {
+
+constexpr int64_t kChunk = 64;  // rows per chunk of the deterministic dot reduction
+
+// Candidates by decreasing head width (the widest one writes, the others add).
+std::vector<int> width_order(const HeadPartitionArgs& a) {
+  std::vector<int> ord(a.m);
+  for (int i = 0; i < a.m; ++i) ord[i] = i;
+  std::stable_sort(ord.begin(), ord.end(),
+                   [&](int x, int y) { return a.widths[x] > a.widths[y]; });
+  return ord;
+}
+
+template <typename S>
+void gather_impl(const HeadPartitionArgs& a) {
+  const int64_t rows = a.B * a.T;
+  const int64_t nch = (rows + kChunk - 1) / kChunk;
+  const int m = a.m;
+  std::vector<double> part(a.dots ? nch * m : 0, 0.0);
+  const S* src = static_cast<const S*>(a.src);
+  S* dst = static_cast<S*>(a.dst);
+  const S* oth = static_cast<const S*>(a.other);
+  const std::vector<int> ord = width_order(a);
+#pragma omp parallel for schedule(static) if (rows * a.E > (1 << 15))
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t r0 = ch * kChunk, r1 = std::min(rows, r0 + kChunk);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t b = row / a.T, t = row % a.T;
+      const S* srow = src + b * a.s_sB + t * a.s_sT;
+      S* drow = dst + b * a.d_sB + t * a.d_sT;
+      const S* orow = oth ? oth + b * a.o_sB + t * a.o_sT : nullptr;
+      for (int64_t r = 0; r < a.h; ++r) {
+        S* dh = drow + r * a.d_sH;
+        int k0 = 0;
+        if (!a.accumulate) {  // the widest candidate writes (no zero fill when it spans D)
+          const int i = ord[0];
+          const int64_t d = a.widths[i];
+          const S c = S(a.coefs[i]);
+          const S* sh = srow + r * d;
+#pragma omp simd
+          for (int64_t u = 0; u < d; ++u) dh[u] = c * sh[u];
+          for (int64_t u = d; u < a.D; ++u) dh[u] = S(0);
+          k0 = 1;
+        }
+        for (int k = k0; k < m; ++k) {
+          const int i = ord[k];
+          const int64_t d = a.widths[i];
+          const S c = S(a.coefs[i]);
+          const S* sh = srow + r * d;
+#pragma omp simd
+          for (int64_t u = 0; u < d; ++u) dh[u] += c * sh[u];
+        }
+        if (orow) {
+          for (int i = 0; i < m; ++i) {
+            const int64_t d = a.widths[i];
+            const S* sh = srow + r * d;
+            const S* oh = orow + r * a.o_sH;
+            S acc = S(0);  // one head (<= D terms) in S, the rest in double
+#pragma omp simd reduction(+ : acc)
+            for (int64_t u = 0; u < d; ++u) acc += sh[u] * oh[u];
+            part[ch * m + i] += double(acc);
+          }
+        }
+      }
+    }
+  }
+  if (a.dots) {
+    for (int i = 0; i < m; ++i) a.dots[i] = 0.0;
+    for (int64_t ch = 0; ch < nch; ++ch)
+      for (int i = 0; i < m; ++i) a.dots[i] += part[ch * m + i];
+  }
+}
+
+template <typename S>
+void scatter_impl(const HeadPartitionArgs& a) {
+  const int64_t rows = a.B * a.T;
+  const int64_t nch = (rows + kChunk - 1) / kChunk;
+  const int m = a.m;
+  std::vector<double> part(a.dots ? nch * m : 0, 0.0);
+  const S* src = static_cast<const S*>(a.src);
+  S* dst = static_cast<S*>(a.dst);
+  const S* oth = static_cast<const S*>(a.other);
+  const std::vector<int> ord = width_order(a);
+#pragma omp parallel for schedule(static) if (rows * a.E > (1 << 15))
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t r0 = ch * kChunk, r1 = std::min(rows, r0 + kChunk);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t b = row / a.T, t = row % a.T;
+      const S* srow = src + b * a.s_sB + t * a.s_sT;
+      S* drow = dst + b * a.d_sB + t * a.d_sT;
+      const S* orow = oth ? oth + b * a.o_sB + t * a.o_sT : nullptr;
+      int k0 = 0;
+      if (!a.accumulate) {  // the widest candidate writes (no zero fill when it spans E)
+        const int i = ord[0];
+        const int64_t d = a.widths[i];
+        const S c = S(a.coefs[i]);
+        for (int64_t r = 0; r < a.h; ++r) {
+          const S* sh = srow + r * a.s_sH;
+          S* dh = drow + r * d;
+#pragma omp simd
+          for (int64_t u = 0; u < d; ++u) dh[u] = c * sh[u];
+        }
+        for (int64_t col = a.h * d; col < a.E; ++col) drow[col] = S(0);
+        k0 = 1;
+      }
+      for (int k = k0; k < m; ++k) {
+        const int i = ord[k];
+        const int64_t d = a.widths[i];
+        const S c = S(a.coefs[i]);
+        for (int64_t r = 0; r < a.h; ++r) {
+          const S* sh = srow + r * a.s_sH;
+          S* dh = drow + r * d;
+#pragma omp simd
+          for (int64_t u = 0; u < d; ++u) dh[u] += c * sh[u];
+        }
+      }
+      for (int i = 0; orow && i < m; ++i) {
+        const int64_t d = a.widths[i];
+        double acc = 0.0;
+        for (int64_t r = 0; r < a.h; ++r) {
+          const S* sh = srow + r * a.s_sH;
+          const S* oh = orow + r * d;
+          S hacc = S(0);  // one head (<= D terms) in S, the rest in double
+#pragma omp simd reduction(+ : hacc)
+          for (int64_t u = 0; u < d; ++u) hacc += sh[u] * oh[u];
+          acc += double(hacc);
+        }
+        part[ch * m + i] += acc;
+      }
+    }
+  }
+  if (a.dots) {
+    for (int i = 0; i < m; ++i) a.dots[i] = 0.0;
+    for (int64_t ch = 0; ch < nch; ++ch)
+      for (int i = 0; i < m; ++i) a.dots[i] += part[ch * m + i];
+  }
+}
+
+}  // namespace
+
+void head_gather_cpu(const HeadPartitionArgs& a) {
+  if (a.dtype == kF64) gather_impl<double>(a);
+  else gather_impl<float>(a);
+}
+
+void head_scatter_cpu(const HeadPartitionArgs& a) {
+  if (a.dtype == kF64) scatter_impl<double>(a);
+  else scatter_impl<float>(a);
+}
+
+}  // namespace tangle

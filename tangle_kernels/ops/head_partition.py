@@ -1,0 +1,229 @@
+"""Head-partition attention: the nanoGPT space's attention under a soft architecture at
+the cost of one attention call per head-count candidate.
+
+In the nanoGPT space the heads partition the embedding width: a sub-network of width
+``e`` with ``h`` heads has head width ``d = e / h``, head ``r`` reading the columns
+``[r d, (r + 1) d)`` of q, k and v. A head count re-partitions the width, so it cannot
+be expressed as a weight mask; TangleNAS mixes q, k and v over the embedding candidates
+inside each head count's partition and runs ONE attention call per head count. With
+``E`` the max width, ``a_i`` the weights of the embedding candidates ``e_i`` and
+``b_j`` those of the head counts ``h_j`` (``D_j = E / h_j``, ``d_ij = e_i / h_j``), and
+``G_ij`` the zero-padding gather that puts column ``r d_ij + t`` (``t < d_ij``) of a
+``[.., E]`` tensor at slot ``(r, t)`` of an ``[.., h_j, D_j]`` tensor::
+
+    Q_j = sum_i a_i d_ij^(-1/2) G_ij(q)        K_j = sum_i a_i G_ij(k)
+    V_j = sum_i a_i G_ij(v)
+    O_j = softmax(Q_j K_j^T + causal mask) V_j        (one call, h_j heads of width D_j,
+                                                       scale 1: q is pre-scaled)
+    y   = sum_j b_j sum_i a_i G_ij^T(O_j)              (G^T: scatter back to r d_ij + t)
+
+Under a one-hot choice ``(e, h)`` this is exactly the sub-network's attention, its
+output zero-padded to ``E``: the zero q/k columns leave the dot products unchanged, the
+zero v columns give zero output columns, the pre-scale is the sub-network's
+``1/sqrt(e/h)``, and the scatter puts head ``r``'s output where the sub-network's
+output projection reads it (``r e/h``).
+
+The paper's code differs for a non-max embedding width: its padded head slots put head
+``r``'s output at ``r E / h`` (where the extracted network's projection reads ``r e /
+h``) and it scales by ``1/sqrt(E/h)``, so its one-hot soft forward is not the extracted
+sub-network. This op keeps that invariant.
+
+:func:`partition_attention` is one autograd node on CPU (float32/float64, no dropout):
+the forward saves only ``qkv``, each call's output and log-sum-exp; the backward
+recomputes the gathers (activation-sized copies, no attention recompute) and runs the
+attention backward of each call. Elsewhere (CUDA, dropout) the same math runs as a
+plain autograd composition (:func:`partition_attention_reference`, also the oracle of
+the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["partition_attention", "partition_attention_reference", "PartitionPlan"]
+
+
+class PartitionPlan:
+    """The static shape of one head-partition attention: max width ``E``, embedding
+    candidate widths ``embeds`` (any order, repeats allowed) and head counts ``heads``.
+    Every head count must divide every embedding width."""
+
+    def __init__(self, E: int, embeds: Sequence[int], heads: Sequence[int]):
+        self.E = int(E)
+        self.embeds = tuple(int(e) for e in embeds)
+        self.heads = tuple(int(h) for h in heads)
+        if not self.embeds or not self.heads:
+            raise ValueError("PartitionPlan: needs at least one embedding width and head count")
+        if max(self.embeds) > self.E:
+            raise ValueError(f"PartitionPlan: embedding width {max(self.embeds)} > E={self.E}")
+        for h in self.heads:
+            if h < 1 or self.E % h:
+                raise ValueError(f"PartitionPlan: {h} heads do not divide E={self.E}")
+            for e in self.embeds:
+                if e % h:
+                    raise ValueError(f"PartitionPlan: {h} heads do not divide embed {e}")
+
+    def head_width(self, j: int) -> int:
+        return self.E // self.heads[j]
+
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _kernels_available() -> bool:
+    from .._ext import _C
+
+    return _C is not None and hasattr(_C, "head_partition_cpu")
+
+
+def _widths(plan: PartitionPlan, j: int) -> list[int]:
+    return [e // plan.heads[j] for e in plan.embeds]
+
+
+class _PartitionAttention(torch.autograd.Function):
+    """One node on CPU: per head count, the gather of q | k | v (C++ kernel), one flash
+    attention call, the scatter of its output into ``y`` (C++ kernel). Saves ``qkv``
+    and each call's output and log-sum-exp; the backward recomputes the gathers."""
+
+    @staticmethod
+    def forward(ctx, qkv, a, b, plan, causal):
+        from ..backends.cpu import head_partition
+
+        B, T, _ = qkv.shape
+        E = plan.E
+        X = qkv.view(B, T, 3, E)
+        av, bv = a.detach().double().tolist(), b.detach().double().tolist()
+        y = qkv.new_empty(B, T, E)
+        outs, lses = [], []
+        for j, h in enumerate(plan.heads):
+            w = _widths(plan, j)
+            G = qkv.new_empty(B, T, 3, h, E // h)
+            for p in range(3):
+                c = [ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)]
+                head_partition(False, X[:, :, p], G[:, :, p], h, w, c, accumulate=False)
+            q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
+            o, lse = _FLASH(q, k, v, 0.0, causal, scale=1.0)
+            head_partition(True, o.transpose(1, 2), y, h, w, [bv[j] * ai for ai in av],
+                           accumulate=j > 0)
+            outs.append(o)
+            lses.append(lse)
+        ctx.plan, ctx.causal = plan, causal
+        ctx.save_for_backward(qkv, a, b, *outs, *lses)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..backends.cpu import head_partition
+
+        plan, causal = ctx.plan, ctx.causal
+        qkv, a, b, *rest = ctx.saved_tensors
+        nh = len(plan.heads)
+        outs, lses = rest[:nh], rest[nh:]
+        B, T, _ = qkv.shape
+        E = plan.E
+        X = qkv.view(B, T, 3, E)
+        av, bv = a.detach().double().tolist(), b.detach().double().tolist()
+        m = len(av)
+        need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need = need_a or need_b
+        da = [0.0] * m
+        db = [0.0] * nh
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dX = qkv.new_empty(B, T, 3, E)
+        for j, h in enumerate(plan.heads):
+            w = _widths(plan, j)
+            D = E // h
+            coefs = [[ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)]
+                     for p in range(3)]
+            G = qkv.new_empty(B, T, 3, h, D)
+            for p in range(3):
+                head_partition(False, X[:, :, p], G[:, :, p], h, w, coefs[p], accumulate=False)
+            q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
+            o, lse = outs[j], lses[j]
+            dO = qkv.new_empty(B, T, h, D)
+            dc = head_partition(False, dy, dO, h, w, [bv[j] * ai for ai in av],
+                                accumulate=False, other=o.transpose(1, 2) if need else None)
+            if need:  # y = sum_j b_j sum_i a_i G_ij^T(O_j)
+                dc = dc.tolist()
+                for i in range(m):
+                    db[j] += dc[i] * av[i]
+                    da[i] += dc[i] * bv[j]
+            grads = _FLASH_BWD(dO.transpose(1, 2), q, k, v, o, lse, 0.0, causal, scale=1.0)
+            del G, q, k, v, dO
+            for p, gp in enumerate(grads):  # Q_j = sum_i a_i s_pij G_ij(q), ...
+                dC = head_partition(True, gp.transpose(1, 2), dX[:, :, p], h, w, coefs[p],
+                                    accumulate=j > 0, other=X[:, :, p] if need_a else None)
+                if need_a:
+                    dC = dC.tolist()
+                    for i in range(m):
+                        da[i] += dC[i] * (w[i] ** -0.5 if p == 0 else 1.0)
+            del grads
+        return (
+            dX.view(B, T, 3 * E),
+            torch.tensor(da, dtype=a.dtype) if need_a else None,
+            torch.tensor(db, dtype=b.dtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+def partition_attention_reference(qkv, a, b, plan: PartitionPlan, *, causal: bool = True,
+                                  dropout_p: float = 0.0) -> torch.Tensor:
+    """The same math as :func:`partition_attention` in plain differentiable torch ops
+    (zero padding, ``scaled_dot_product_attention``); the oracle of the tests and the
+    path on CUDA and with dropout."""
+    B, T, _ = qkv.shape
+    E = plan.E
+    X = qkv.view(B, T, 3, E)
+    y = None
+    for j, h in enumerate(plan.heads):
+        D = E // h
+        parts = [None, None, None]
+        for i, e in enumerate(plan.embeds):
+            d = e // h
+            src = F.pad(X[..., :e].view(B, T, 3, h, d), (0, D - d))
+            for p in range(3):
+                t = src[:, :, p] * (a[i] * (d ** -0.5 if p == 0 else 1.0)).to(qkv.dtype)
+                parts[p] = t if parts[p] is None else parts[p] + t
+        q, k, v = (t.transpose(1, 2) for t in parts)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                           scale=1.0).transpose(1, 2)  # [B, T, h, D]
+        for i, e in enumerate(plan.embeds):
+            d = e // h
+            t = o[..., :d].reshape(B, T, e) * (b[j] * a[i]).to(qkv.dtype)
+            t = F.pad(t, (0, E - e))
+            y = t if y is None else y + t
+    return y
+
+
+def partition_attention(qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        plan: PartitionPlan, *, causal: bool = True,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """``qkv [B, T, 3 E]`` (q | k | v), ``a [m]`` embedding weights, ``b [n]`` head-count
+    weights -> ``y [B, T, E]`` (see the module docstring for the math)."""
+    if qkv.dim() != 3 or qkv.shape[-1] != 3 * plan.E:
+        raise ValueError(f"qkv: expected [B, T, {3 * plan.E}], got {tuple(qkv.shape)}")
+    if a.shape != (len(plan.embeds),) or b.shape != (len(plan.heads),):
+        raise ValueError(
+            f"a, b: expected shapes ({len(plan.embeds)},) and ({len(plan.heads)},), got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    fused = (
+        _FLASH is not None
+        and _kernels_available()
+        and qkv.device.type == "cpu"
+        and qkv.dtype in (torch.float32, torch.float64)
+        and dropout_p == 0.0
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+    )
+    if not fused:
+        return partition_attention_reference(qkv, a, b, plan, causal=causal, dropout_p=dropout_p)
+    if not qkv.is_contiguous():
+        qkv = qkv.contiguous()
+    return _PartitionAttention.apply(qkv, a, b, plan, bool(causal))
