@@ -120,7 +120,7 @@ class EntangledLinear(EntangledModule):
         # the same thing exactly when the bias depends on the same choices.
         self._fused_bias = self.bias is not None and self.bias_names == self.weight_names
         if self._fused_bias and self.weight_layout is not None:
-            bias_layout(self.weight_layout)  # build (and cache) it now, not while compiling
+            bias_layout(self.weight_layout)  # build (and cache) it now (also fine while compiling)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation (fan-in of the max input width)."""
@@ -255,9 +255,8 @@ _LAYOUTS: dict = {}
 
 
 def _intern(layout: Layout) -> Layout:
-    """One Layout object per distinct layout: ``bias_layout``'s cache is a dict keyed by
-    layouts, and under torch.compile dynamo looks keys up by identity, so an equal but
-    different layout object would miss the cache and trace ``Layout.project``."""
+    """One Layout object per distinct layout: equal layers share one object, so its
+    device tables and projections (the bias layout) are built and cached once."""
     return _LAYOUTS.setdefault(layout, layout)
 
 

@@ -22,13 +22,17 @@ gradient mode (evaluation). A :class:`~tangle_kernels.nn.arch.HardArch` (GDAS, S
 a derived architecture) would specialise the sliced path on its selection (one graph
 per sampled architecture), so the compiled functions run it as
 :func:`~tangle_kernels.nn.arch.hard_as_soft`: the one-hot values on the soft path,
-gradients to the chosen entries only, the same graph as a soft arch. A search
+gradients to the chosen entries only: one graph for every selection. A search
 therefore compiles at most 2 training graphs (arch step, weight step; 1 for SPOS,
 whose arch never needs a gradient) + 1 evaluation graph of the supernet, + 1
 evaluation graph of the extracted model; retraining from scratch adds 1 training and
 (shared with the extracted model's when the shapes agree) 1 evaluation graph.
 :attr:`Compiler.graphs` counts them (a dynamo recompilation or graph break counts one
-more each).
+more each). The architecture step traces the weights without ``requires_grad`` (its
+backward computes the alpha gradients only, as eager ``backward(inputs=alphas)``).
+
+Checked on CPU (inductor, and the ``eager`` / ``aot_eager`` backends in the tests);
+the CUDA-graph mode has not run on a GPU yet.
 """
 
 from __future__ import annotations
