@@ -177,6 +177,15 @@ class Bench:
         self.base_cfg = d
         self.config_hash = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()
                                         ).hexdigest()[:10]
+        # the settings that differ from SearchConfig's defaults: a new setting whose default
+        # keeps the old behaviour does not invalidate recorded runs
+        dflt = SearchConfig().to_dict()
+        self.config_diff = {k: v for k, v in d.items() if k not in dflt or dflt[k] != v}
+        self.config_hashes = {
+            self.config_hash,
+            hashlib.sha1(json.dumps(self.config_diff, sort_keys=True, default=str).encode()
+                         ).hexdigest()[:10],
+        }
         self.retrain_steps = args.retrain_steps
         # the retrain budget: the settings train_from_scratch reads
         self.retrain_cfg = {
@@ -283,18 +292,46 @@ class Bench:
                            f"probe{os.getpid()}-{name}" if probe else f"{name}-s{seed}")
         if os.path.isdir(out):
             shutil.rmtree(out)
+        # SPOS + evolution and SPOS + random train the same supernet (same seed, steps and
+        # uniform samples) and differ only in the selection stage: the second one resumes
+        # the first one's final checkpoint and runs its own selection; its search time =
+        # the first one's supernet training time + its own selection and evaluation.
+        shared, t_train = None, 0.0
+        if opt == "spos" and not probe:
+            other = "spos+random" if spos_search == "evolution" else "spos+evolution"
+            src = os.path.join(self.run_root, f"{other}-s{seed}")
+            info = os.path.join(src, "supernet.json")
+            if os.path.exists(info):
+                with open(info, encoding="utf-8") as f:
+                    meta = json.load(f)
+                if meta.get("steps") == steps and meta.get("config") == self.config_diff and \
+                        os.path.exists(os.path.join(src, "checkpoint.pt")):
+                    shared, t_train = src, float(meta["train_time"])
+        if shared is not None:
+            os.makedirs(out)
+            shutil.copy(os.path.join(shared, "checkpoint.pt"), os.path.join(out, "checkpoint.pt"))
+            shutil.copy(os.path.join(shared, "metrics.jsonl"), os.path.join(out, "metrics.jsonl"))
         s = Search(self.space, self.data, cfg, out=out, device="cpu", progress=False,
-                   log=lambda m: None)
+                   log=lambda m: None, resume=shared is not None)
         t0 = time.perf_counter()
         res = s.run()
-        t = time.perf_counter() - t0
+        t = time.perf_counter() - t0 + t_train
         res["_time"] = t
         res["_out"] = out
         res["_step_times"] = _step_times(os.path.join(out, "metrics.jsonl"))
-        try:
-            os.remove(os.path.join(out, "checkpoint.pt"))
-        except OSError:
-            pass
+        if shared is not None:
+            res["_shared_supernet"] = os.path.basename(shared)
+        if opt == "spos" and not probe and shared is None:
+            recs = [r for r in _read_jsonl(os.path.join(out, "metrics.jsonl"))
+                    if r.get("kind") == "train" and "time" in r]
+            with open(os.path.join(out, "supernet.json"), "w", encoding="utf-8") as f:
+                json.dump({"steps": steps, "config": self.config_diff,
+                           "train_time": recs[-1]["time"] if recs else 0.0}, f)
+        else:
+            try:
+                os.remove(os.path.join(out, "checkpoint.pt"))
+            except OSError:
+                pass
         return res
 
     def step_time(self, name: str) -> float:
@@ -310,7 +347,7 @@ class Bench:
         _repair_jsonl(self.runs_path)
         # runs of other search settings (older defaults) are not reused
         done = {(r["method"], r["seed"]): r for r in _read_jsonl(self.runs_path)
-                if r.get("config_hash") == self.config_hash}
+                if r.get("config_hash") in self.config_hashes}
         base_steps = int(self.base_cfg["steps"])
         probe_path = os.path.join(self.work, "probes.json")
         probes: dict[str, float] = {}
@@ -329,16 +366,17 @@ class Bench:
                 else:
                     if budget is None:
                         raise SystemExit("drnas must run first (it sets the time budget)")
-                    if m not in probes:
+                    pk = "spos" if m.startswith("spos") else m  # one SPOS supernet
+                    if pk not in probes:
                         # back to back, so that both see the same machine load
                         t_d, t_m = self.step_time("drnas"), self.step_time(m)
-                        probes[m] = {"drnas": t_d, m: t_m, "ratio": t_d / t_m}
+                        probes[pk] = {"drnas": t_d, m: t_m, "ratio": t_d / t_m}
                         with open(probe_path, "w", encoding="utf-8") as f:
                             json.dump(probes, f, indent=1)
                         _log(f"probe: {m} {t_m:.3f} s/step, drnas {t_d:.3f} s/step")
                     # equal wall-clock: the drnas search's steps, scaled by step-time ratio;
                     # SPOS pays its selection stage (~ its evaluations) out of the budget
-                    ratio = probes[m]["ratio"]
+                    ratio = probes[pk]["ratio"]
                     steps = max(1, int(round(base_steps * ratio)))
                     if m.startswith("spos"):
                         t_step = budget / base_steps / ratio  # this sampler's s/step now
@@ -369,7 +407,8 @@ class Bench:
         rec = {
             "method": m,
             "seed": seed,
-            "config_hash": self.config_hash,
+            "config_hash": sorted(self.config_hashes - {self.config_hash})[0],
+            "config": self.config_diff,
             "steps": steps,
             "arch": arch,
             "arch_str": res["arch_str"],
@@ -381,6 +420,7 @@ class Bench:
             "probs": res.get("probs"),
             "decided": decidedness(res["probs"]) if SAMPLER_RUNS[m][0] != "spos" else None,
             "decision": res.get("decided"),
+            "shared_supernet": res.get("_shared_supernet"),
             "metrics": os.path.relpath(os.path.join(res["_out"], "metrics.jsonl"), ROOT),
         }
         return rec
@@ -699,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench.runs(ref)
     else:
         rows = [r for r in _read_jsonl(bench.runs_path) if r["seed"] in args.seeds
-                and r.get("config_hash") == bench.config_hash and r["method"] in args.samplers]
+                and r.get("config_hash") in bench.config_hashes and r["method"] in args.samplers]
         last = {(r["method"], r["seed"]): r for r in rows}
         rows = list(last.values())
     # fill percentiles of runs recorded before the reference held their arch

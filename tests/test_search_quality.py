@@ -61,6 +61,8 @@ def test_quick_benchmark_end_to_end(tmp_path):
         assert r["percentile"] is not None and r["scratch_val"] is not None
         if r["method"] in ("drnas", "darts", "gdas", "sparsemax"):
             assert set(r["decided"]) == {"embed", "heads", "mlp_ratio", "layers"}
+        if r["method"] == "spos+random":  # reuses the SPOS + evolution supernet of its seed
+            assert r["shared_supernet"] == f"spos+evolution-s{r['seed']}"
     assert "ordering" in doc and "paper's ordering" in doc["ordering"]
     md = (out / jsons[0].replace(".json", ".md")).read_text()
     assert "| drnas | 3 |" in md
@@ -168,3 +170,22 @@ def test_drnas_concentration_scale_keeps_mean_lowers_noise():
 
 def F_elu1(a):
     return torch.nn.functional.elu(a) + 1.0
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
+
+
+@pytest.mark.skipif(not os.path.isfile(SHAKESPEARE), reason="no ../shared/data/tinyshakespeare.txt")
+def test_quick_benchmark_on_a_data_path(tmp_path):
+    sq = _load()
+    argv = ["--quick", "--data", SHAKESPEARE, "--seeds", "0", "--samplers", "drnas", "spos+random",
+            "random-search", "--max-reference", "3", "--reference-sample", "3",
+            "--work", str(tmp_path / "w"), "--run-root", str(tmp_path / "r"),
+            "--out", str(tmp_path / "o"), "--no-readme", "--tag", "ts"]
+    assert sq.main(argv) == 0
+    doc = json.loads(next((tmp_path / "o").glob("*-search-quality-ts.json")).read_text())
+    assert doc["ident"]["data"].startswith("tinyshakespeare.txt:")
+    assert doc["reference"]["n"] == 3
+    # a derived arch outside a sampled reference has no from-scratch value, not a wrong one
+    for r in doc["runs"]:
+        assert (r["percentile"] is None) == (r["scratch_val"] is None)
