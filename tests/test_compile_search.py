@@ -61,6 +61,42 @@ def _close(a, b, tol):
     assert a == pytest.approx(b, rel=tol, abs=tol)
 
 
+@pytest.mark.parametrize("soft_heads", ["partition", "exact"])
+def test_one_hot_soft_path_gradient_equals_the_sliced_path(soft_heads):
+    """What the compiled GDAS step relies on: at a straight-through one-hot sample, the
+    soft path with one-hot values (:func:`hard_as_soft`, what compiled steps run) gives
+    every alpha the gradient the eager sliced path gives it, in float64 (the attention's
+    sliced path carries its own soft relaxation's straight-through scales)."""
+    from tangle_kernels.nn import set_arch
+    from tangle_kernels.nn.arch import HardArch, hard_as_soft
+
+    torch.manual_seed(0)
+    sp = NanoGPTSpace(preset="tiny", choices={"embed": [8, 16], "heads": [1, 2],
+                                             "mlp_ratio": [2, 4], "layers": [1, 2]},
+                      hparams={"block_size": 8, "soft_heads": soft_heads})
+    data = sp.make_data("synthetic")
+    m = sp.build_supernet(data).double()
+    batch = data.batch("train", 2, torch.Generator().manual_seed(0))
+    al = {n: torch.randn(len(v), dtype=torch.float64, requires_grad=True) for n, v in sp.choices.items()}
+    for idx in ({"embed": 0, "heads": 1, "mlp_ratio": 0, "layers": 1},
+                {"embed": 1, "heads": 0, "mlp_ratio": 1, "layers": 0}):
+        def hard():
+            w = {}
+            for n, a in al.items():
+                s = torch.softmax(a, 0)
+                w[n] = torch.nn.functional.one_hot(torch.tensor(idx[n]), len(s)).double() - s.detach() + s
+            return HardArch(w, idx)
+
+        grads = []
+        for form in (lambda a: a, hard_as_soft):
+            set_arch(m, form(hard()))
+            grads.append(torch.autograd.grad(sp.loss(m, batch), list(al.values())))
+        set_arch(m, None)
+        for n, g_hard, g_soft in zip(al, *grads):
+            assert g_hard.abs().max() > 0 or n == "layers", (n, g_hard)
+            torch.testing.assert_close(g_soft, g_hard, rtol=1e-9, atol=1e-12, msg=f"{idx} {n}")
+
+
 @pytest.mark.parametrize("optimizer,backend", [("drnas", "eager"), ("gdas", "aot_eager")])
 def test_compiled_steps_equal_eager(tmp_path, optimizer, backend):
     """Soft (DrNAS) and one-hot (GDAS: a new HardArch sample every step) samplers, then

@@ -78,28 +78,20 @@ def _fresh(fn: Callable) -> Callable:
 def _soft_arch(model: nn.Module):
     """A HardArch stored by set_arch, replaced by :func:`hard_as_soft` for the call.
 
-    When its vectors carry a gradient (GDAS's architecture step), modules whose soft
-    relaxation is not linear in each choice's weights use their exact (output-mixing)
-    relaxation for the call, whose gradient at a one-hot arch is the sliced path's:
-    ``EntangledAttention(soft_heads="partition")`` mixes q, k, v and the output by the
-    embedding weights (4 factors of ``a_i``), where the sliced path scales once."""
+    Every module's sliced path carries the straight-through gradient of its own soft
+    relaxation at the one-hot point (``EntangledAttention(soft_heads="partition")``
+    scales q, k, v and the output by the embedding entry, as its relaxation does), so
+    the soft path at one-hot values gives the alphas the sliced path's gradient
+    (tests/test_compile_search.py checks both in float64)."""
     arch = get_arch(model)
     if not isinstance(arch, HardArch):
         yield
         return
-    switched = []
-    if any(v.requires_grad for v in arch.values()):
-        for m in model.modules():
-            if getattr(m, "soft_heads", None) == "partition":
-                m.soft_heads = "exact"
-                switched.append(m)
     set_arch(model, hard_as_soft(arch))
     try:
         yield
     finally:
         set_arch(model, arch)
-        for m in switched:
-            m.soft_heads = "partition"
 
 
 def _call_loss(loss_fn, model, batch):
