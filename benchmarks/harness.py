@@ -187,7 +187,7 @@ def run_bench(rec: dict, make, st: Settings, benchmark=None, *, check: bool = Tr
     if why:
         rec["status"] = why
         return rec
-    if rec["provider"] == "compiled-reference":
+    if rec["provider"].startswith("compiled-"):
         key = f"sweep_K{rec['K']}" if rec["suite"] == "sweep_k" else rec["case"]
         if not shapes.compiles(key, st.device, st.profile):
             rec["status"] = "skipped (compile budget: shapes._COMPILE)"

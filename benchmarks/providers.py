@@ -27,7 +27,15 @@ temporaries of ``sum_k mix_k mask_k`` are.
 Supernet step (a search space of :mod:`tangle_kernels.spaces`): ``ours[<backend>]``
 (the supernet with ``TANGLE_KERNELS_BACKEND=<backend>``), ``reference`` (the same
 supernet with every superposition computed by the padded-sum), and ``plain`` (the
-plain max-size model of the space, ``space.build_plain``).
+plain max-size model of the space, ``space.build_plain``), ``floor`` (nanoGPT only: the
+plain max-size GPT whose attention runs one extra attention call per additional head
+count in every layer, each at the max width over the same q, k, v, outputs summed:
+the least any soft relaxation of the heads choice can cost, since a head count
+re-partitions the width and so needs its own attention call), ``compiled-ours`` and
+``compiled-plain``: the same supernet (automatic backend) and plain model with their
+forward + loss under ``torch.compile`` as ``tangle-search --compile`` runs them
+(:class:`tangle_kernels.search.compiled.Compiler`: inductor, fullgraph; CUDA graphs on
+CUDA); their compile time is the first call's (``first_call_s``, reported apart).
 
 A provider that cannot run raises :class:`Unavailable` with the reason; the suites
 record it as ``unavailable (reason)``.
@@ -92,7 +100,8 @@ def layer_providers(device: str) -> list[str]:
 
 
 def supernet_providers(device: str) -> list[str]:
-    return [ours(b) for b in BACKENDS_BY_DEVICE[device]] + ["reference", "plain"]
+    return [ours(b) for b in BACKENDS_BY_DEVICE[device]] + ["reference", "plain", "floor",
+                                                            "compiled-ours", "compiled-plain"]
 
 
 def why_unavailable(provider: str, device: str) -> str | None:
@@ -104,7 +113,7 @@ def why_unavailable(provider: str, device: str) -> str | None:
         if b == "triton" and device == "cpu":
             return "triton runs on CPU tensors only in the interpreter (TRITON_INTERPRET=1): not a benchmark"
         return backends.why_unavailable(b, torch.device(device))
-    if provider == "compiled-reference":
+    if provider.startswith("compiled-"):
         if not hasattr(torch, "compile"):
             return "torch.compile is missing"
     return None
@@ -427,6 +436,31 @@ def make_space(case: shapes.SupernetCase):
     return cls(hparams=hp or None, preset=preset), preset
 
 
+def _floor_attention(model: torch.nn.Module, space) -> int:
+    """Turn every plain attention of the max-size GPT ``model`` into the floor's: one
+    attention call per head-count candidate of its layer (max width, the plain q, k, v),
+    outputs summed, then the plain output projection. Returns the number of layers."""
+    import types
+
+    from tangle_kernels.nn import plain
+
+    def forward(self, x, arch=None):
+        q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
+        p = self.dropout if self.training else 0.0
+        y = None
+        for h in self._floor_heads:
+            t = plain.attend(q, k, v, h, causal=self.causal, dropout_p=p)
+            y = t if y is None else y + t
+        return self.proj(y)
+
+    atts = [m for m in model.modules() if isinstance(m, plain.SelfAttention)]
+    for i, m in enumerate(atts):
+        name = f"heads_{i}" if f"heads_{i}" in space.choices else "heads"
+        m._floor_heads = sorted(space.choices[name], reverse=True)  # the plain count first
+        m.forward = types.MethodType(forward, m)
+    return len(atts)
+
+
 def make_supernet(case: shapes.SupernetCase, provider: str, device: str) -> Bench:
     """One training step (forward, backward to the weights and the architecture
     parameters, AdamW step) of the supernet of ``case.space`` under a soft arch
@@ -443,9 +477,13 @@ def make_supernet(case: shapes.SupernetCase, provider: str, device: str) -> Benc
     batch = data.batch("train", case.batch, gen, device)
     torch.manual_seed(0)
     backend = backend_of(provider)
-    if provider == "plain":
+    if provider == "floor" and case.space != "nanogpt":
+        raise Unavailable("floor: defined for the nanoGPT space (extra attention calls per head count)")
+    if provider in ("plain", "compiled-plain", "floor"):
         model = _on_device(lambda: space.build_plain(_max_selection(space.choices), data), device)
         alphas = {}
+        if provider == "floor" and not _floor_attention(model, space):
+            raise Unavailable("floor: the plain model has no attention to extend")
     else:
         model = _on_device(lambda: space.build_supernet(data), device)
         alphas = {n: torch.zeros(len(v), device=device, requires_grad=True)
@@ -454,12 +492,20 @@ def make_supernet(case: shapes.SupernetCase, provider: str, device: str) -> Benc
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     set_arch = _set_arch()
     route = "reference" if provider == "reference" else backend
+    loss_fn = space.loss
+    if provider.startswith("compiled-"):
+        from tangle_kernels.search.compiled import Compiler
+
+        compiler = Compiler(device)  # what tangle-search --compile runs
+
+        def loss_fn(model, batch):
+            return compiler.loss(space.loss, model, batch)
 
     def step():
         with backend_env(route):
             if alphas:
                 set_arch(model, {n: torch.softmax(a, 0) for n, a in alphas.items()})
-            loss = space.loss(model, batch)
+            loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -49,9 +49,10 @@ SUITE_FILES = {  # run in this order (the time budget cuts from the end)
     "sweep_k": "sweep_k.py",
     "layers": "bench_layers.py",
 }
-DEFAULT_BUDGET = {("cpu", "full"): 600, ("cpu", "quick"): 120, ("cuda", "full"): 230,
+DEFAULT_BUDGET = {("cpu", "full"): 780, ("cpu", "quick"): 120, ("cuda", "full"): 230,
                   ("cuda", "quick"): 120, ("cpu", "smoke"): 120, ("cuda", "smoke"): 120}
-REF_PROVIDERS = {"reference": "reference", "compiled-reference": "compiled_reference", "plain": "plain"}
+REF_PROVIDERS = {"reference": "reference", "compiled-reference": "compiled_reference", "plain": "plain",
+                 "compiled-plain": "compiled_plain", "floor": "floor"}
 
 
 # ------------------------------------------------------------------ derive
@@ -68,6 +69,8 @@ def derive(records: list[dict]) -> list[dict]:
             r["flops_per_s"] = r["flops"] / t
         if r.get("items"):
             r["items_per_s"] = r["items"] / t
+        if r["suite"] == "supernet" and r["provider"].startswith("compiled-") and r.get("first_call_s"):
+            r["compile_s"] = max(0.0, r["first_call_s"] - t)  # the first call compiled
         for prov, key in REF_PROVIDERS.items():
             o = ok.get((r["suite"], r["case"], r["mode"], prov))
             if o is None or o is r or not o.get("median_s"):
@@ -88,6 +91,24 @@ def derive(records: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ targets
+def _compiled_targets(records, add) -> None:
+    """tangle-search --compile on the nanoGPT supernet step: compiled ours at least as
+    fast as eager ours, and compiled ours / compiled plain no worse than eager ours /
+    eager plain (the ratio of tokens/s)."""
+    c = _get(records, "supernet", "nanogpt", "step", "compiled-ours")
+    e = _best_ours(records, "supernet", "nanogpt", "step")
+    ok = c is not None and c.get("status") == "ok" and e is not None and c.get("median_s")
+    rec = dict(c, vs_eager=e["median_s"] / c["median_s"]) if ok else c
+    add("nanoGPT supernet step, compiled ours vs eager ours (>= 1x)", rec, "vs_eager", 1.0,
+        why_missing=None if c is not None else "compiled-ours not measured")
+    rel = None
+    if ok and c.get("speedup_vs_compiled_plain") and e.get("speedup_vs_plain"):
+        rel = dict(c, rel=c["speedup_vs_compiled_plain"] / e["speedup_vs_plain"])
+    add("nanoGPT supernet step, (compiled ours / compiled plain) vs (eager ours / eager plain) "
+        "tokens/s (>= 1x)", rel if rel is not None else c, "rel", 1.0,
+        why_missing=None if c is not None else "compiled-ours not measured")
+
+
 def _get(records, suite, case, mode, provider):
     for r in records:
         if (r["suite"], r["case"], r["mode"], r["provider"]) == (suite, case, mode, provider):
@@ -128,6 +149,14 @@ def targets(records: list[dict], device: str) -> list[dict]:
         for case in ("nanogpt", "conv-macro"):
             r = _best_ours(records, "supernet", case, "step")
             add(f"supernet step {case}, ours vs the padded-sum supernet (> 1x)", r, "speedup_vs_reference", 1.0)
+        r = _best_ours(records, "supernet", "nanogpt-tinyshakespeare", "step")
+        add("nanoGPT Tiny Shakespeare supernet step, ours vs the plain max-size GPT tokens/s (>= 0.75x)",
+            r, "speedup_vs_plain", 0.75)
+        add("nanoGPT Tiny Shakespeare supernet step, ours vs the floor: step time (<= 1.05x)", r,
+            "speedup_vs_floor", 1 / 1.05, fmt=lambda v: f"{1 / v:.2f}x the floor's time")
+        add("nanoGPT Tiny Shakespeare supernet step, peak memory vs the plain max-size GPT (<= 1.10x)",
+            r, "mem_vs_plain", 1.10, ge=False)
+        _compiled_targets(records, add)
     else:
         for case in ("big_mlp", "gpt2_mlp_up"):
             for mode in ("fwd", "fwd+bwd"):
@@ -249,14 +278,24 @@ def markdown(meta: dict, records: list[dict], tgts: list[dict], *, level: int = 
         for r in sn:
             rows.append([r["case"], r["provider"], _ms(r["median_s"]),
                          f"{r.get('items_per_s', 0):,.0f} {r.get('unit', '')}/s",
-                         _x(r.get("speedup_vs_reference")), _x(r.get("speedup_vs_plain")),
+                         _x(r.get("speedup_vs_reference")),
+                         _x(r.get("speedup_vs_compiled_plain") if r["provider"] == "compiled-ours"
+                            else r.get("speedup_vs_plain")),
+                         "" if not r.get("speedup_vs_floor") else f"{1 / r['speedup_vs_floor']:.2f}",
+                         "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
                          _mib(r.get("peak_bytes")), _mib(r.get("peak_total_bytes")),
                          _x(r.get("mem_vs_plain") if r.get("mem_total_vs_plain") is None else r.get("mem_total_vs_plain"))])
         parts += [f"{h}# Supernet training step", "",
                   "One step: forward, backward to the weights and the architecture logits (soft "
                   "arch = softmax), AdamW step. x plain = throughput relative to the plain max-size "
-                  "model; mem/plain uses the total peak on CUDA, the extra peak on CPU.", "",
-                  _table(["space", "provider", "ms/step", "throughput", "x ref", "x plain",
+                  "model (compiled-ours: to compiled-plain); mem/plain uses the total peak on CUDA, "
+                  "the extra peak on CPU. compiled-*: forward + loss under torch.compile as "
+                  "`tangle-search --compile` runs them; compile s = the first call minus one step "
+                  "(not in ms/step). floor (nanoGPT): the plain max-size GPT with one extra "
+                  "attention call per additional head count in every layer, the least any soft "
+                  "relaxation of the heads choice costs; time/floor = step time over the floor's.", "",
+                  _table(["space", "provider", "ms/step", "throughput", "x ref", "x plain", "time/floor",
+                          "compile s",
                           "peak extra MiB", "peak total MiB", "mem/plain"], rows), ""]
     sw = [r for r in ok if r["suite"] == "sweep_k"]
     if sw:

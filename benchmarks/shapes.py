@@ -245,6 +245,11 @@ _LAYER_SETS = {
 _SUPERNETS = {
     # batch sizes: CPU keeps a step under ~1 s; presets are used when the space has one
     ("cpu", "full"): [SupernetCase("nanogpt", "nanogpt", 8, "tokens"),
+                      # the paper's Tiny Shakespeare space (per-layer heads / MLP ratio,
+                      # context 256, dropout 0.2), batch 8, vocab 65 (issue 15)
+                      SupernetCase("nanogpt-tinyshakespeare", "nanogpt", 8, "tokens",
+                                   hparams=(("synthetic_vocab", 65),),
+                                   preset_candidates=("tinyshakespeare",)),
                       SupernetCase("conv-macro", "conv-macro", 16, "images")],
     ("cpu", "quick"): [SupernetCase("nanogpt", "nanogpt", 4, "tokens"),
                        SupernetCase("conv-macro", "conv-macro", 8, "images")],
@@ -266,15 +271,19 @@ _SWEEP = {
 
 
 # torch.compile(reference) costs 10-30 s per case (forward and backward graphs); it runs
-# on these cases, and is recorded as "skipped (compile budget)" on the others.
+# on these cases, and is recorded as "skipped (compile budget)" on the others. The
+# compiled supernet providers (compiled-ours, compiled-plain) follow the same table:
+# a nanoGPT supernet graph compiles in about a minute on CPU.
 _COMPILE = {
     ("cpu", "full"): {"gpt2_mlp_up", "conv_256_k27", "autoformer_t_qkv", "mbv3_dw7",
-                      "linear_gpt2_mlp_up", "conv2d_256_k27", "attn_autoformer_t", "sweep"},
+                      "linear_gpt2_mlp_up", "conv2d_256_k27", "attn_autoformer_t", "sweep",
+                      "nanogpt"},
     ("cpu", "quick"): {"gpt2_mlp_up", "linear_gpt2_mlp_up", "sweep_K9"},
     ("cuda", "full"): {"big_mlp", "gpt2_mlp_up", "conv_256_k27", "linear_gpt2_mlp_up",
-                       "conv2d_256_k27", "sweep"},
-    ("cuda", "quick"): {"big_mlp", "gpt2_mlp_up", "linear_gpt2_mlp_up"},
-    ("any", "smoke"): {"tiny_mlp", "tiny_conv", "linear_tiny", "conv_tiny", "attn_tiny", "sweep"},
+                       "conv2d_256_k27", "sweep", "nanogpt"},
+    ("cuda", "quick"): {"big_mlp", "gpt2_mlp_up", "linear_gpt2_mlp_up", "nanogpt"},
+    ("any", "smoke"): {"tiny_mlp", "tiny_conv", "linear_tiny", "conv_tiny", "attn_tiny", "sweep",
+                       "nanogpt"},
 }
 
 

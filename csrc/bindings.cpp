@@ -86,6 +86,38 @@ void head_partition_cpu(bool scatter, int dtype, int64_t B, int64_t T, int64_t E
   else tangle::head_gather_cpu(a);
 }
 
+void mixed_layernorm_cpu(bool backward, int dtype, int64_t N, int64_t E, py::list widths,
+                         py::list mix, double eps, uintptr_t x, int64_t sx, uintptr_t w,
+                         uintptr_t bmix, uintptr_t y, uintptr_t mu, uintptr_t rstd, uintptr_t g,
+                         int64_t sg, uintptr_t dx, uintptr_t dw, uintptr_t dbmix,
+                         uintptr_t dmix) {
+  TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "mixed layernorm: float32 or float64");
+  TK_CHECK(N >= 0 && E > 0, "mixed layernorm: bad sizes");
+  TK_CHECK(py::len(widths) == py::len(mix) && py::len(widths) > 0,
+           "mixed layernorm: widths and mix must have the same non-zero length");
+  std::vector<int64_t> wd;
+  std::vector<double> mx;
+  for (auto v : widths) wd.push_back(v.cast<int64_t>());
+  for (auto v : mix) mx.push_back(v.cast<double>());
+  for (auto c : wd) TK_CHECK(c >= 1 && c <= E, "mixed layernorm: width out of range");
+  TK_CHECK(N == 0 || (x && mu && rstd), "mixed layernorm: null x or statistics");
+  TK_CHECK(backward ? (N == 0 || (g && dx)) && dmix : (N == 0 || y),
+           "mixed layernorm: null output");
+  tangle::MixedLayerNormArgs a;
+  a.dtype = dtype; a.N = N; a.E = E; a.K = static_cast<int>(wd.size());
+  a.widths = wd.data(); a.mix = mx.data(); a.eps = eps;
+  a.x = reinterpret_cast<const void*>(x); a.sx = sx;
+  a.w = reinterpret_cast<const void*>(w); a.bmix = reinterpret_cast<const void*>(bmix);
+  a.y = reinterpret_cast<void*>(y);
+  a.mu = reinterpret_cast<double*>(mu); a.rstd = reinterpret_cast<double*>(rstd);
+  a.g = reinterpret_cast<const void*>(g); a.sg = sg;
+  a.dx = reinterpret_cast<void*>(dx); a.dw = reinterpret_cast<void*>(dw);
+  a.dbmix = reinterpret_cast<void*>(dbmix); a.dmix = reinterpret_cast<double*>(dmix);
+  py::gil_scoped_release nogil;
+  if (backward) tangle::mixed_layernorm_backward_cpu(a);
+  else tangle::mixed_layernorm_forward_cpu(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -101,6 +133,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("head_partition_cpu", &head_partition_cpu,
         "Head-partition gather (scatter=False) or scatter (scatter=True), see "
         "csrc/cpu/head_partition_cpu.cpp.");
+  m.def("mixed_layernorm_cpu", &mixed_layernorm_cpu,
+        "Superposed LayerNorm forward (backward=False) or backward, see "
+        "csrc/cpu/layernorm_mix_cpu.cpp.");
   m.def("cpu_num_threads", &tangle::cpu_num_threads);
 #ifdef TK_WITH_OPENMP
   m.attr("with_openmp") = true;

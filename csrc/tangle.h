@@ -83,6 +83,33 @@ struct HeadPartitionArgs {
   double* dots = nullptr;       // [m] out (when other is set), overwritten
 };
 void head_gather_cpu(const HeadPartitionArgs& a);
+
+// Superposed LayerNorm over prefixes of width widths[k] with weights mix[k]
+// (csrc/cpu/layernorm_mix_cpu.cpp has the math). x, g: rows of E contiguous values
+// with row strides sx, sg; y, dx: contiguous [N, E]; w, bmix, dw, dbmix: [E] or null.
+struct MixedLayerNormArgs {
+  int dtype = kF32;                 // kF32 or kF64 (x, g, y, dx, w, bmix, dw, dbmix)
+  int64_t N = 0, E = 0;
+  int K = 0;
+  const int64_t* widths = nullptr;  // [K]
+  const double* mix = nullptr;      // [K]
+  double eps = 1e-5;
+  const void* x = nullptr;
+  int64_t sx = 0;
+  const void* w = nullptr;
+  const void* bmix = nullptr;
+  void* y = nullptr;
+  double* mu = nullptr;             // [N, K] forward: written; backward: read
+  double* rstd = nullptr;           // [N, K]
+  const void* g = nullptr;
+  int64_t sg = 0;
+  void* dx = nullptr;
+  void* dw = nullptr;
+  void* dbmix = nullptr;
+  double* dmix = nullptr;           // [K] backward: written
+};
+void mixed_layernorm_forward_cpu(const MixedLayerNormArgs& a);
+void mixed_layernorm_backward_cpu(const MixedLayerNormArgs& a);
 void head_scatter_cpu(const HeadPartitionArgs& a);
 
 #ifdef TK_WITH_CUDA

@@ -127,6 +127,39 @@ def test_supernet_step_runs():
         assert rec["items"] > 0
 
 
+def test_floor_provider_runs_one_attention_call_per_head_count():
+    """floor = the plain max-size GPT whose attention runs once per head-count candidate
+    (max width, outputs summed): it trains, it counts one attention call per head count
+    per layer (the plain model one per layer), and it is refused off the nanoGPT space."""
+    import torch.nn.functional as F
+
+    case = next(c for c in shapes.supernet_cases("cpu", "smoke") if c.name == "nanogpt")
+    space, _ = providers.make_space(case)
+    calls = []
+    orig = F.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls.append(a[0].shape[1])  # heads
+        return orig(*a, **k)
+
+    n_layers = max(space.choices["layers"])
+    heads = sorted(space.choices["heads"], reverse=True)
+    F.scaled_dot_product_attention = counting
+    try:
+        for prov, per_layer in (("plain", heads[:1]), ("floor", heads)):
+            calls.clear()
+            b = providers.make_supernet(case, prov, "cpu")
+            b.fn()
+            assert calls == per_layer * n_layers, (prov, calls)
+    finally:
+        F.scaled_dot_product_attention = orig
+    rec = harness.run_supernet(case.name, "floor", ST)
+    _ok(rec)
+    conv = next(c for c in shapes.supernet_cases("cpu", "smoke") if c.name == "conv-macro")
+    with pytest.raises(providers.Unavailable, match="floor"):
+        providers.make_supernet(conv, "floor", "cpu")
+
+
 def test_derive_targets_markdown():
     def rec(prov, t, peak, mode="fwd+bwd", case="gpt2_mlp_up", suite="superpose", **kw):
         r = harness.base_record(suite, case, prov, mode, (3072, 768), 9, "float32", "cpu", **kw)

@@ -80,3 +80,38 @@ def head_partition(scatter: bool, src: torch.Tensor, dst: torch.Tensor, heads: i
         dots.data_ptr() if dots is not None else 0,
     )
     return dots
+
+
+def mixed_layernorm_forward(x2d, widths, mix, eps, weight, bmix):
+    """``x2d [N, E]`` (contiguous columns) -> ``(y [N, E], mu [N, K], rstd [N, K])`` of
+    csrc/cpu/layernorm_mix_cpu.cpp (``weight``, ``bmix``: ``[E]`` or None)."""
+    N, E = x2d.shape
+    K = len(widths)
+    y = torch.empty(N, E, dtype=x2d.dtype)
+    mu = torch.empty(N, K, dtype=torch.float64)
+    rstd = torch.empty(N, K, dtype=torch.float64)
+    _C.mixed_layernorm_cpu(
+        False, DTYPE_CODES[x2d.dtype], N, E, list(widths), list(mix), float(eps),
+        x2d.data_ptr(), x2d.stride(0),
+        weight.data_ptr() if weight is not None else 0,
+        bmix.data_ptr() if bmix is not None else 0,
+        y.data_ptr(), mu.data_ptr(), rstd.data_ptr(), 0, 0, 0, 0, 0, 0,
+    )
+    return y, mu, rstd
+
+
+def mixed_layernorm_backward(g2d, x2d, widths, mix, weight, mu, rstd, *, want_w, want_b):
+    """``(dx [N, E], dw [E] or None, d bmix [E] or None, d mix [K] float64)``."""
+    N, E = x2d.shape
+    dx = torch.empty(N, E, dtype=x2d.dtype)
+    dw = torch.empty(E, dtype=x2d.dtype) if want_w else None
+    db = torch.empty(E, dtype=x2d.dtype) if want_b else None
+    dmix = torch.empty(len(widths), dtype=torch.float64)
+    _C.mixed_layernorm_cpu(
+        True, DTYPE_CODES[x2d.dtype], N, E, list(widths), list(mix), 0.0,
+        x2d.data_ptr(), x2d.stride(0), weight.data_ptr() if weight is not None else 0, 0, 0,
+        mu.data_ptr(), rstd.data_ptr(), g2d.data_ptr(), g2d.stride(0), dx.data_ptr(),
+        dw.data_ptr() if dw is not None else 0, db.data_ptr() if db is not None else 0,
+        dmix.data_ptr(),
+    )
+    return dx, dw, db, dmix

@@ -31,9 +31,11 @@ sub-network. This op keeps that invariant.
 :func:`partition_attention` is one autograd node on CPU (float32/float64, no dropout):
 the forward saves only ``qkv``, each call's output and log-sum-exp; the backward
 recomputes the gathers (activation-sized copies, no attention recompute) and runs the
-attention backward of each call. Elsewhere (CUDA, dropout) the same math runs as a
-plain autograd composition (:func:`partition_attention_reference`, also the oracle of
-the tests).
+attention backward of each call. With attention dropout on CPU the gathers and the
+scatter are one node each (the same C++ kernels) around torch's own attention calls
+with dropout, one per head count. Elsewhere (CUDA, half precision, torch.compile) the
+same math runs as a plain autograd composition (:func:`partition_attention_reference`,
+also the oracle of the tests).
 """
 
 from __future__ import annotations
@@ -172,6 +174,126 @@ class _PartitionAttention(torch.autograd.Function):
         )
 
 
+def _coefs(plan: PartitionPlan, j: int, av: list[float]) -> list[list[float]]:
+    """Per q | k | v part the gather coefficients ``a_i s_pi`` of head count ``j`` (``s``:
+    ``d_ij^(-1/2)`` for q, 1 for k and v)."""
+    w = _widths(plan, j)
+    return [[ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)] for p in range(3)]
+
+
+class _PartitionGather(torch.autograd.Function):
+    """``qkv [B, T, 3 E], a -> (Q_j, K_j, V_j)_j`` (each ``[B, T, h_j, D_j]``): the q, k, v
+    of every head count's partition (C++ gathers); backward: the transposed scatters
+    into one ``dqkv`` and the coefficient dots for ``d a``. Saves ``qkv`` only."""
+
+    @staticmethod
+    def forward(ctx, qkv, a, plan):
+        from ..backends.cpu import head_partition
+
+        B, T, _ = qkv.shape
+        E = plan.E
+        X = qkv.view(B, T, 3, E)
+        av = a.detach().double().tolist()
+        outs = []
+        for j, h in enumerate(plan.heads):
+            for p, c in enumerate(_coefs(plan, j, av)):  # separate outputs: no select nodes
+                G = qkv.new_empty(B, T, h, E // h)
+                head_partition(False, X[:, :, p], G, h, _widths(plan, j), c, accumulate=False)
+                outs.append(G)
+        ctx.plan = plan
+        ctx.save_for_backward(qkv, a)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dGs):
+        from ..backends.cpu import head_partition
+
+        plan = ctx.plan
+        qkv, a = ctx.saved_tensors
+        B, T, _ = qkv.shape
+        E = plan.E
+        X = qkv.view(B, T, 3, E)
+        av = a.detach().double().tolist()
+        need_a = ctx.needs_input_grad[1]
+        da = [0.0] * len(av)
+        dX = qkv.new_empty(B, T, 3, E)
+        written = [False, False, False]
+        for j, h in enumerate(plan.heads):
+            w = _widths(plan, j)
+            for p, c in enumerate(_coefs(plan, j, av)):
+                dG = dGs[3 * j + p]
+                if dG is None:
+                    continue
+                if dG.stride(-1) != 1:
+                    dG = dG.contiguous()
+                dC = head_partition(True, dG, dX[:, :, p], h, w, c, accumulate=written[p],
+                                    other=X[:, :, p] if need_a else None)
+                written[p] = True
+                if need_a:
+                    for i, v in enumerate(dC.tolist()):
+                        da[i] += v * (w[i] ** -0.5 if p == 0 else 1.0)
+        for p in range(3):
+            if not written[p]:
+                dX[:, :, p].zero_()
+        return (dX.view(B, T, 3 * E), torch.tensor(da, dtype=a.dtype) if need_a else None, None)
+
+
+class _PartitionScatter(torch.autograd.Function):
+    """``a, b, (O_j [B, T, h_j, D_j])_j -> y = sum_j b_j sum_i a_i G_ij^T(O_j)`` (C++
+    scatters into one ``y``); backward: the gathers of ``dy`` and the coefficient dots
+    for ``d a``, ``d b``. Saves the ``O_j``."""
+
+    @staticmethod
+    def forward(ctx, a, b, plan, *outs):
+        from ..backends.cpu import head_partition
+
+        B, T = outs[0].shape[:2]
+        av, bv = a.detach().double().tolist(), b.detach().double().tolist()
+        y = outs[0].new_empty(B, T, plan.E)
+        for j, (h, o) in enumerate(zip(plan.heads, outs)):
+            head_partition(True, o, y, h, _widths(plan, j), [bv[j] * ai for ai in av], accumulate=j > 0)
+        ctx.plan = plan
+        ctx.save_for_backward(a, b, *outs)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..backends.cpu import head_partition
+
+        plan = ctx.plan
+        a, b, *outs = ctx.saved_tensors
+        av, bv = a.detach().double().tolist(), b.detach().double().tolist()
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        da, db, dOs = [0.0] * len(av), [0.0] * len(bv), []
+        for j, (h, o) in enumerate(zip(plan.heads, outs)):
+            dO = o.new_empty(o.shape)
+            dc = head_partition(False, dy, dO, h, _widths(plan, j), [bv[j] * ai for ai in av],
+                                accumulate=False, other=o if (need_a or need_b) else None)
+            if dc is not None:
+                for i, v in enumerate(dc.tolist()):
+                    db[j] += v * av[i]
+                    da[i] += v * bv[j]
+            dOs.append(dO)
+        return (torch.tensor(da, dtype=a.dtype) if need_a else None,
+                torch.tensor(db, dtype=b.dtype) if need_b else None, None, *dOs)
+
+
+def _partition_attention_dropout(qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float):
+    """With attention dropout (CPU float32/float64): the gathers and the scatter are one
+    node each (C++ kernels) and the attention calls are torch's own
+    ``scaled_dot_product_attention`` with its dropout and autograd, one per head count,
+    as the plain model runs its one call (no zero-padded temporaries per candidate)."""
+    qkvs = _PartitionGather.apply(qkv, a, plan)
+    outs = []
+    for j in range(len(plan.heads)):
+        q, k, v = (t.transpose(1, 2) for t in qkvs[3 * j:3 * j + 3])
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=1.0)
+        outs.append(o.transpose(1, 2))  # [B, T, h, D] (a view: the scatter reads it in place)
+    return _PartitionScatter.apply(a, b, plan, *outs)
+
+
 def partition_attention_reference(qkv, a, b, plan: PartitionPlan, *, causal: bool = True,
                                   dropout_p: float = 0.0) -> torch.Tensor:
     """The same math as :func:`partition_attention` in plain differentiable torch ops
@@ -213,17 +335,17 @@ def partition_attention(qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
             f"a, b: expected shapes ({len(plan.embeds)},) and ({len(plan.heads)},), got "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         )
-    fused = (
-        _FLASH is not None
-        and _kernels_available()
+    kernels = (
+        _kernels_available()
         and qkv.device.type == "cpu"
         and qkv.dtype in (torch.float32, torch.float64)
-        and dropout_p == 0.0
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
     )
-    if not fused:
+    if not kernels or (dropout_p == 0.0 and _FLASH is None):
         return partition_attention_reference(qkv, a, b, plan, causal=causal, dropout_p=dropout_p)
     if not qkv.is_contiguous():
         qkv = qkv.contiguous()
+    if dropout_p > 0.0:
+        return _partition_attention_dropout(qkv, a, b, plan, bool(causal), float(dropout_p))
     return _PartitionAttention.apply(qkv, a, b, plan, bool(causal))
