@@ -218,3 +218,24 @@ def test_run_py_end_to_end(tmp_path):
     ours = next(r for r in recs if r["provider"] == "ours[cpu]" and r["mode"] == "fwd")
     assert ours["speedup_vs_reference"] > 0 and ours["bw_vs_copy"] > 0
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().count("| tiny_mlp |") == len(recs)
+
+
+def test_step_ab_interleaved(tmp_path):
+    """benchmarks/step_ab.py: every provider runs once per round, ratios are per-round
+    medians (a/b * b/a == 1 only when every round agrees: checked on the records), the
+    files are written."""
+    from benchmarks import step_ab
+
+    res = step_ab.measure("nanogpt", ["plain", "floor"], 3, log=lambda m: None)
+    assert res["unit"] == "tokens" and set(res["providers"]) == {"plain", "floor"}
+    for r in res["providers"].values():
+        assert len(r["times_s"]) == 3 and r["median_s"] > 0 and r["peak_extra_bytes"] > 0
+    import statistics
+
+    t = {p: r["times_s"] for p, r in res["providers"].items()}
+    assert res["time_ratios"]["floor/plain"] == statistics.median(a / b for a, b in zip(t["floor"], t["plain"]))
+    md = step_ab.markdown(res)
+    assert "| floor |" in md and "time/plain" in md
+    assert step_ab.main(["--case", "nanogpt", "--providers", "plain", "--rounds", "1",
+                         "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("*-step-ab-nanogpt.json")) and list(tmp_path.glob("*-step-ab-nanogpt.md"))
