@@ -86,6 +86,13 @@ def _widths(plan: PartitionPlan, j: int) -> list[int]:
     return [e // plan.heads[j] for e in plan.embeds]
 
 
+def _coefs(plan: PartitionPlan, j: int, av: list[float]) -> list[list[float]]:
+    """Per q | k | v part the gather coefficients ``a_i s_pi`` of head count ``j`` (``s``:
+    ``d_ij^(-1/2)`` for q, 1 for k and v)."""
+    w = _widths(plan, j)
+    return [[ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)] for p in range(3)]
+
+
 class _PartitionAttention(torch.autograd.Function):
     """One node on CPU: per head count, the gather of q | k | v (C++ kernel), one flash
     attention call, the scatter of its output into ``y`` (C++ kernel). Saves ``qkv``
@@ -104,8 +111,7 @@ class _PartitionAttention(torch.autograd.Function):
         for j, h in enumerate(plan.heads):
             w = _widths(plan, j)
             G = qkv.new_empty(B, T, 3, h, E // h)
-            for p in range(3):
-                c = [ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)]
+            for p, c in enumerate(_coefs(plan, j, av)):
                 head_partition(False, X[:, :, p], G[:, :, p], h, w, c, accumulate=False)
             q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
             o, lse = _FLASH(q, k, v, 0.0, causal, scale=1.0)
@@ -140,8 +146,7 @@ class _PartitionAttention(torch.autograd.Function):
         for j, h in enumerate(plan.heads):
             w = _widths(plan, j)
             D = E // h
-            coefs = [[ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)]
-                     for p in range(3)]
+            coefs = _coefs(plan, j, av)
             G = qkv.new_empty(B, T, 3, h, D)
             for p in range(3):
                 head_partition(False, X[:, :, p], G[:, :, p], h, w, coefs[p], accumulate=False)
@@ -172,13 +177,6 @@ class _PartitionAttention(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _coefs(plan: PartitionPlan, j: int, av: list[float]) -> list[list[float]]:
-    """Per q | k | v part the gather coefficients ``a_i s_pi`` of head count ``j`` (``s``:
-    ``d_ij^(-1/2)`` for q, 1 for k and v)."""
-    w = _widths(plan, j)
-    return [[ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)] for p in range(3)]
 
 
 class _PartitionGather(torch.autograd.Function):
