@@ -86,6 +86,52 @@ void head_partition_cpu(bool scatter, int dtype, int64_t B, int64_t T, int64_t E
   else tangle::head_gather_cpu(a);
 }
 
+// The scatters of several head counts into one dst (csrc/cpu/head_partition_cpu.cpp):
+// per head count j its heads, candidate head widths and coefficients, its source
+// pointer and (B, T, head) strides; dots: [sum_j m_j] float64 when other is set.
+void head_scatter_multi_cpu(int dtype, int64_t B, int64_t T, int64_t E, py::list heads,
+                            py::list widths, py::list coefs, py::list srcs, py::list s_strides,
+                            uintptr_t dst, int64_t d_sB, int64_t d_sT, bool accumulate,
+                            uintptr_t other, int64_t o_sB, int64_t o_sT, uintptr_t dots) {
+  TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "head partition: float32 or float64");
+  const size_t J = py::len(heads);
+  TK_CHECK(J > 0 && py::len(widths) == J && py::len(coefs) == J && py::len(srcs) == J &&
+               py::len(s_strides) == J,
+           "head partition: heads, widths, coefs, srcs and strides must have one entry per head count");
+  TK_CHECK(B >= 0 && T >= 0 && E > 0, "head partition: bad sizes");
+  TK_CHECK(B * T == 0 || dst, "head partition: null dst");
+  TK_CHECK(!other || dots, "head partition: other needs dots");
+  std::vector<std::vector<int64_t>> w(J);
+  std::vector<std::vector<double>> c(J);
+  std::vector<tangle::HeadPartitionArgs> as(J);
+  int64_t off = 0;
+  for (size_t j = 0; j < J; ++j) {
+    const int64_t h = heads[j].cast<int64_t>();
+    TK_CHECK(h > 0 && E % h == 0, "head partition: heads must divide E");
+    for (auto x : widths[j].cast<py::list>()) w[j].push_back(x.cast<int64_t>());
+    for (auto x : coefs[j].cast<py::list>()) c[j].push_back(x.cast<double>());
+    TK_CHECK(!w[j].empty() && w[j].size() == c[j].size(),
+             "head partition: widths and coefs must have the same non-zero length");
+    for (auto d : w[j]) TK_CHECK(d >= 1 && d * h <= E, "head partition: head width out of range");
+    auto st = s_strides[j].cast<py::tuple>();
+    TK_CHECK(py::len(st) == 3, "head partition: source strides are (B, T, head)");
+    const uintptr_t src = srcs[j].cast<uintptr_t>();
+    TK_CHECK(B * T == 0 || src, "head partition: null src");
+    tangle::HeadPartitionArgs& a = as[j];
+    a.dtype = dtype; a.B = B; a.T = T; a.E = E; a.h = h; a.D = E / h;
+    a.m = static_cast<int>(w[j].size()); a.widths = w[j].data(); a.coefs = c[j].data();
+    a.src = reinterpret_cast<const void*>(src);
+    a.s_sB = st[0].cast<int64_t>(); a.s_sT = st[1].cast<int64_t>(); a.s_sH = st[2].cast<int64_t>();
+    a.dst = reinterpret_cast<void*>(dst); a.d_sB = d_sB; a.d_sT = d_sT;
+    a.accumulate = accumulate ? 1 : 0;
+    a.other = reinterpret_cast<const void*>(other); a.o_sB = o_sB; a.o_sT = o_sT;
+    a.dots = other ? reinterpret_cast<double*>(dots) + off : nullptr;
+    off += a.m;
+  }
+  py::gil_scoped_release nogil;
+  tangle::head_scatter_multi_cpu(as);
+}
+
 void mixed_layernorm_cpu(bool backward, int dtype, int64_t N, int64_t E, py::list widths,
                          py::list mix, double eps, uintptr_t x, int64_t sx, uintptr_t w,
                          uintptr_t bmix, uintptr_t y, uintptr_t mu, uintptr_t rstd, uintptr_t g,
@@ -132,6 +178,9 @@ PYBIND11_MODULE(_C, m) {
         "dw = g * t[cell]; p[cell] = sum over the cell of g * w (deterministic).");
   m.def("head_partition_cpu", &head_partition_cpu,
         "Head-partition gather (scatter=False) or scatter (scatter=True), see "
+        "csrc/cpu/head_partition_cpu.cpp.");
+  m.def("head_scatter_multi_cpu", &head_scatter_multi_cpu,
+        "The head-partition scatters of several head counts into one dst in one pass, see "
         "csrc/cpu/head_partition_cpu.cpp.");
   m.def("mixed_layernorm_cpu", &mixed_layernorm_cpu,
         "Superposed LayerNorm forward (backward=False) or backward, see "

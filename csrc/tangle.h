@@ -13,6 +13,7 @@
 // and d mix = B^T @ P is a tiny matmul done by the caller.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace tangle {
 
@@ -83,6 +84,9 @@ struct HeadPartitionArgs {
   double* dots = nullptr;       // [m] out (when other is set), overwritten
 };
 void head_gather_cpu(const HeadPartitionArgs& a);
+void head_scatter_cpu(const HeadPartitionArgs& a);
+// Several scatters (one per head count) into one dst, other and row set: one pass.
+void head_scatter_multi_cpu(const std::vector<HeadPartitionArgs>& as);
 
 // Superposed LayerNorm over prefixes of width widths[k] with weights mix[k]
 // (csrc/cpu/layernorm_mix_cpu.cpp has the math). x, g: rows of E contiguous values
@@ -110,7 +114,6 @@ struct MixedLayerNormArgs {
 };
 void mixed_layernorm_forward_cpu(const MixedLayerNormArgs& a);
 void mixed_layernorm_backward_cpu(const MixedLayerNormArgs& a);
-void head_scatter_cpu(const HeadPartitionArgs& a);
 
 #ifdef TK_WITH_CUDA
 // CUDA kernels (csrc/cuda/*.cu); `stream` is a cudaStream_t passed as an integer.

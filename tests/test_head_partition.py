@@ -180,3 +180,40 @@ def test_non_contiguous_qkv():
         partition_attention(wide, a, b, plan), partition_attention_reference(wide, a, b, plan)
     )
     assert hp._kernels_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scatter_multi_equals_one_scatter_per_head_count(dtype):
+    """head_scatter_multi (every head count's scatter in one pass over dst's rows) gives
+    the bits of one scatter per head count in order (the first writes, the rest add) and
+    the same dots; strided sources and dst (q|k|v parts), rows above the parallel
+    threshold, a width that leaves columns to zero-fill."""
+    from tangle_kernels.backends.cpu import head_partition, head_scatter_multi
+
+    g = torch.Generator().manual_seed(11)
+    B, T, E = 3, 200, 48
+    heads, embeds = [2, 4, 6], [24, 36]  # no candidate spans E: columns 36.. are zero-filled
+    srcs = [torch.randn(B, T, 3, h, E // h, generator=g, dtype=dtype)[:, :, 1] for h in heads]
+    widths = [[e // h for e in embeds] for h in heads]
+    coefs = [[float(torch.rand(1, generator=g)) for _ in embeds] for _ in heads]
+    X = torch.randn(B, T, 3, E, generator=g, dtype=dtype)
+    want = torch.full((B, T, 3, E), float("nan"), dtype=dtype)
+    got = want.clone()
+    dots_want = [head_partition(True, s, want[:, :, 2], h, w, c, accumulate=j > 0, other=X[:, :, 0])
+                 for j, (s, h, w, c) in enumerate(zip(srcs, heads, widths, coefs))]
+    dots_got = head_scatter_multi(srcs, got[:, :, 2], heads, widths, coefs, accumulate=False,
+                                  other=X[:, :, 0])
+    assert torch.equal(got[:, :, 2], want[:, :, 2]) and not got[:, :, 2].isnan().any()
+    assert got[:, :, :2].isnan().all()  # only the addressed part is written
+    for a, b in zip(dots_got, dots_want):
+        assert torch.equal(a, b)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.empty(B, T, E, dtype=dtype)
+        d1 = head_scatter_multi(srcs, one, heads, widths, coefs, accumulate=False, other=X[:, :, 0])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, got[:, :, 2]) and all(torch.equal(a, b) for a, b in zip(d1, dots_got))
+    with pytest.raises(ValueError, match="source of shape"):
+        head_scatter_multi(srcs[:1], one, [4], widths[:1], coefs[:1], accumulate=False)

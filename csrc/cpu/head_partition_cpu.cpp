@@ -99,69 +99,93 @@ void gather_impl(const HeadPartitionArgs& a) {
   }
 }
 
+// One row of the scatter of `a` (dst row = sum_i c_i G_i^T(src row)), its dots added
+// to part[0..m).
 template <typename S>
-void scatter_impl(const HeadPartitionArgs& a) {
-  const int64_t rows = a.B * a.T;
-  const int64_t nch = (rows + kChunk - 1) / kChunk;
+inline void scatter_row(const HeadPartitionArgs& a, const std::vector<int>& ord, int64_t row,
+                        bool accumulate, double* part) {
   const int m = a.m;
-  std::vector<double> part(a.dots ? nch * m : 0, 0.0);
-  const S* src = static_cast<const S*>(a.src);
-  S* dst = static_cast<S*>(a.dst);
+  const int64_t b = row / a.T, t = row % a.T;
+  const S* srow = static_cast<const S*>(a.src) + b * a.s_sB + t * a.s_sT;
+  S* drow = static_cast<S*>(a.dst) + b * a.d_sB + t * a.d_sT;
   const S* oth = static_cast<const S*>(a.other);
-  const std::vector<int> ord = width_order(a);
-#pragma omp parallel for schedule(static) if (rows * a.E > (1 << 15))
+  const S* orow = oth ? oth + b * a.o_sB + t * a.o_sT : nullptr;
+  int k0 = 0;
+  if (!accumulate) {  // the widest candidate writes (no zero fill when it spans E)
+    const int i = ord[0];
+    const int64_t d = a.widths[i];
+    const S c = S(a.coefs[i]);
+    for (int64_t r = 0; r < a.h; ++r) {
+      const S* sh = srow + r * a.s_sH;
+      S* dh = drow + r * d;
+#pragma omp simd
+      for (int64_t u = 0; u < d; ++u) dh[u] = c * sh[u];
+    }
+    for (int64_t col = a.h * d; col < a.E; ++col) drow[col] = S(0);
+    k0 = 1;
+  }
+  for (int k = k0; k < m; ++k) {
+    const int i = ord[k];
+    const int64_t d = a.widths[i];
+    const S c = S(a.coefs[i]);
+    for (int64_t r = 0; r < a.h; ++r) {
+      const S* sh = srow + r * a.s_sH;
+      S* dh = drow + r * d;
+#pragma omp simd
+      for (int64_t u = 0; u < d; ++u) dh[u] += c * sh[u];
+    }
+  }
+  for (int i = 0; orow && i < m; ++i) {
+    const int64_t d = a.widths[i];
+    double acc = 0.0;
+    for (int64_t r = 0; r < a.h; ++r) {
+      const S* sh = srow + r * a.s_sH;
+      const S* oh = orow + r * d;
+      S hacc = S(0);  // one head (<= D terms) in S, the rest in double
+#pragma omp simd reduction(+ : hacc)
+      for (int64_t u = 0; u < d; ++u) hacc += sh[u] * oh[u];
+      acc += double(hacc);
+    }
+    part[i] += acc;
+  }
+}
+
+// The scatters of several head counts into ONE dst (all share dst, other and the row
+// count): each row of dst is read and written once for all of them, in L1.
+template <typename S>
+void scatter_multi_impl(const std::vector<HeadPartitionArgs>& as) {
+  const HeadPartitionArgs& a0 = as[0];
+  const int64_t rows = a0.B * a0.T;
+  const int64_t nch = (rows + kChunk - 1) / kChunk;
+  const int J = static_cast<int>(as.size());
+  std::vector<int64_t> off(J + 1, 0);
+  for (int j = 0; j < J; ++j) off[j + 1] = off[j] + as[j].m;
+  const int64_t M = off[J];
+  std::vector<double> part(a0.other ? nch * M : 0, 0.0);
+  std::vector<std::vector<int>> ord(J);
+  for (int j = 0; j < J; ++j) ord[j] = width_order(as[j]);
+#pragma omp parallel for schedule(static) if (rows * a0.E * J > (1 << 15))
   for (int64_t ch = 0; ch < nch; ++ch) {
     const int64_t r0 = ch * kChunk, r1 = std::min(rows, r0 + kChunk);
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t b = row / a.T, t = row % a.T;
-      const S* srow = src + b * a.s_sB + t * a.s_sT;
-      S* drow = dst + b * a.d_sB + t * a.d_sT;
-      const S* orow = oth ? oth + b * a.o_sB + t * a.o_sT : nullptr;
-      int k0 = 0;
-      if (!a.accumulate) {  // the widest candidate writes (no zero fill when it spans E)
-        const int i = ord[0];
-        const int64_t d = a.widths[i];
-        const S c = S(a.coefs[i]);
-        for (int64_t r = 0; r < a.h; ++r) {
-          const S* sh = srow + r * a.s_sH;
-          S* dh = drow + r * d;
-#pragma omp simd
-          for (int64_t u = 0; u < d; ++u) dh[u] = c * sh[u];
-        }
-        for (int64_t col = a.h * d; col < a.E; ++col) drow[col] = S(0);
-        k0 = 1;
-      }
-      for (int k = k0; k < m; ++k) {
-        const int i = ord[k];
-        const int64_t d = a.widths[i];
-        const S c = S(a.coefs[i]);
-        for (int64_t r = 0; r < a.h; ++r) {
-          const S* sh = srow + r * a.s_sH;
-          S* dh = drow + r * d;
-#pragma omp simd
-          for (int64_t u = 0; u < d; ++u) dh[u] += c * sh[u];
-        }
-      }
-      for (int i = 0; orow && i < m; ++i) {
-        const int64_t d = a.widths[i];
+    for (int64_t row = r0; row < r1; ++row)
+      for (int j = 0; j < J; ++j)
+        scatter_row<S>(as[j], ord[j], row, j > 0 || a0.accumulate,
+                       a0.other ? &part[ch * M + off[j]] : nullptr);
+  }
+  if (a0.other) {
+    for (int j = 0; j < J; ++j) {
+      for (int i = 0; i < as[j].m; ++i) {
         double acc = 0.0;
-        for (int64_t r = 0; r < a.h; ++r) {
-          const S* sh = srow + r * a.s_sH;
-          const S* oh = orow + r * d;
-          S hacc = S(0);  // one head (<= D terms) in S, the rest in double
-#pragma omp simd reduction(+ : hacc)
-          for (int64_t u = 0; u < d; ++u) hacc += sh[u] * oh[u];
-          acc += double(hacc);
-        }
-        part[ch * m + i] += acc;
+        for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * M + off[j] + i];
+        as[j].dots[i] = acc;
       }
     }
   }
-  if (a.dots) {
-    for (int i = 0; i < m; ++i) a.dots[i] = 0.0;
-    for (int64_t ch = 0; ch < nch; ++ch)
-      for (int i = 0; i < m; ++i) a.dots[i] += part[ch * m + i];
-  }
+}
+
+template <typename S>
+void scatter_impl(const HeadPartitionArgs& a) {
+  scatter_multi_impl<S>(std::vector<HeadPartitionArgs>{a});
 }
 
 }  // namespace
@@ -174,6 +198,12 @@ void head_gather_cpu(const HeadPartitionArgs& a) {
 void head_scatter_cpu(const HeadPartitionArgs& a) {
   if (a.dtype == kF64) scatter_impl<double>(a);
   else scatter_impl<float>(a);
+}
+
+void head_scatter_multi_cpu(const std::vector<HeadPartitionArgs>& as) {
+  if (as.empty()) return;
+  if (as[0].dtype == kF64) scatter_multi_impl<double>(as);
+  else scatter_multi_impl<float>(as);
 }
 
 }  // namespace tangle

@@ -115,3 +115,39 @@ def mixed_layernorm_backward(g2d, x2d, widths, mix, weight, mu, rstd, *, want_w,
         dmix.data_ptr(),
     )
     return dx, dw, db, dmix
+
+
+def head_scatter_multi(srcs, dst: torch.Tensor, heads, widths, coefs, *, accumulate: bool,
+                       other: torch.Tensor | None = None):
+    """The head-partition scatters of several head counts (``srcs[j] [B, T, h_j, D_j]``,
+    ``widths[j]``, ``coefs[j]`` per candidate) into ONE ``dst [B, T, E]`` in one pass
+    over its rows (csrc/cpu/head_partition_cpu.cpp); the first writes unless
+    ``accumulate``. Returns per head count the dots with ``other`` (float64 ``[m_j]``)
+    or None."""
+    dt = dst.dtype
+    if dt not in (torch.float32, torch.float64) or any(s.dtype != dt for s in srcs):
+        raise ValueError(f"head partition: float32/float64, got {[s.dtype for s in srcs]} -> {dt}")
+    B, T, E = dst.shape
+    d = _rows(dst, 3)
+    st = []
+    for s, h in zip(srcs, heads):
+        if s.shape != (B, T, h, E // h):
+            raise ValueError(f"head partition: source of shape {tuple(s.shape)} for {h} heads, "
+                             f"expected {(B, T, h, E // h)}")
+        st.append(tuple(_rows(s, 4)[:3]))
+    o = (0, 0)
+    dots = None
+    if other is not None:
+        if other.dtype != dt or other.shape != dst.shape:
+            raise ValueError("head partition: other must have dst's shape and dtype")
+        o = _rows(other, 3)[:2]
+        dots = torch.empty(sum(len(w) for w in widths), dtype=torch.float64)
+    _C.head_scatter_multi_cpu(
+        DTYPE_CODES[dt], B, T, E, [int(h) for h in heads], [list(w) for w in widths],
+        [list(c) for c in coefs], [s.data_ptr() for s in srcs], st, dst.data_ptr(), d[0], d[1],
+        bool(accumulate), other.data_ptr() if other is not None else 0, o[0], o[1],
+        dots.data_ptr() if dots is not None else 0,
+    )
+    if dots is None:
+        return None
+    return list(torch.split(dots, [len(w) for w in widths]))

@@ -204,7 +204,7 @@ class _PartitionGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dGs):
-        from ..backends.cpu import head_partition
+        from ..backends.cpu import head_scatter_multi
 
         plan = ctx.plan
         qkv, a = ctx.saved_tensors
@@ -215,24 +215,22 @@ class _PartitionGather(torch.autograd.Function):
         need_a = ctx.needs_input_grad[1]
         da = [0.0] * len(av)
         dX = qkv.new_empty(B, T, 3, E)
-        written = [False, False, False]
-        for j, h in enumerate(plan.heads):
-            w = _widths(plan, j)
-            for p, c in enumerate(_coefs(plan, j, av)):
-                dG = dGs[3 * j + p]
-                if dG is None:
-                    continue
-                if dG.stride(-1) != 1:
-                    dG = dG.contiguous()
-                dC = head_partition(True, dG, dX[:, :, p], h, w, c, accumulate=written[p],
-                                    other=X[:, :, p] if need_a else None)
-                written[p] = True
-                if need_a:
+        coefs = [_coefs(plan, j, av) for j in range(len(plan.heads))]
+        for p in range(3):  # one pass over dqkv's part p for every head count
+            js = [j for j in range(len(plan.heads)) if dGs[3 * j + p] is not None]
+            if not js:
+                dX[:, :, p].zero_()
+                continue
+            srcs = [dGs[3 * j + p] if dGs[3 * j + p].stride(-1) == 1 else dGs[3 * j + p].contiguous()
+                    for j in js]
+            dots = head_scatter_multi(srcs, dX[:, :, p], [plan.heads[j] for j in js],
+                                      [_widths(plan, j) for j in js], [coefs[j][p] for j in js],
+                                      accumulate=False, other=X[:, :, p] if need_a else None)
+            if need_a:
+                for j, dC in zip(js, dots):
+                    w = _widths(plan, j)
                     for i, v in enumerate(dC.tolist()):
                         da[i] += v * (w[i] ** -0.5 if p == 0 else 1.0)
-        for p in range(3):
-            if not written[p]:
-                dX[:, :, p].zero_()
         return (dX.view(B, T, 3 * E), torch.tensor(da, dtype=a.dtype) if need_a else None, None)
 
 
