@@ -36,6 +36,11 @@ re-partitions the width and so needs its own attention call), ``compiled-ours`` 
 forward + loss under ``torch.compile`` as ``tangle-search --compile`` runs them
 (:class:`tangle_kernels.search.compiled.Compiler`: inductor, fullgraph; CUDA graphs on
 CUDA); their compile time is the first call's (``first_call_s``, reported apart).
+``plain-fused`` and ``floor-fused`` (CPU, nanoGPT): the plain model and the floor with
+every attention call through :func:`tangle_kernels.ops.attention.fused_attention` (the
+kernel the supernet's head-partition attention runs with dropout on CPU): how much of
+the supernet's cost over ``plain``/``floor`` is the relaxation rather than torch's
+attention kernel.
 
 A provider that cannot run raises :class:`Unavailable` with the reason; the suites
 record it as ``unavailable (reason)``.
@@ -116,6 +121,12 @@ def why_unavailable(provider: str, device: str) -> str | None:
     if provider.startswith("compiled-"):
         if not hasattr(torch, "compile"):
             return "torch.compile is missing"
+    if provider.endswith("-fused"):
+        if device != "cpu":
+            return "the fused attention is a CPU kernel"
+        from tangle_kernels.ops.attention import fused_attention_available
+
+        return fused_attention_available()
     return None
 
 
@@ -436,27 +447,51 @@ def make_space(case: shapes.SupernetCase):
     return cls(hparams=hp or None, preset=preset), preset
 
 
-def _floor_attention(model: torch.nn.Module, space) -> int:
+def _attend(fused: bool):
+    """The plain GPT's multi-head attention call: torch's, or the fused CPU kernel."""
+    from tangle_kernels.nn import plain
+
+    if not fused:
+        return plain.attend
+    from tangle_kernels.ops.attention import fused_attention
+
+    def attend(q, k, v, num_heads, *, causal, dropout_p):
+        B, T, C = q.shape
+        d = C // num_heads
+        q, k, v = (t.reshape(B, T, num_heads, d).transpose(1, 2) for t in (q, k, v))
+        y = fused_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+        return y.transpose(1, 2).reshape(B, T, C)
+
+    return attend
+
+
+def _floor_attention(model: torch.nn.Module, space, *, floor: bool = True,
+                     fused: bool = False) -> int:
     """Turn every plain attention of the max-size GPT ``model`` into the floor's: one
     attention call per head-count candidate of its layer (max width, the plain q, k, v),
-    outputs summed, then the plain output projection. Returns the number of layers."""
+    outputs summed, then the plain output projection (``floor=False``: the plain count
+    only); ``fused``: the calls through the fused CPU kernel. Returns the number of
+    layers."""
     import types
 
     from tangle_kernels.nn import plain
+
+    attend = _attend(fused)
 
     def forward(self, x, arch=None):
         q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
         p = self.dropout if self.training else 0.0
         y = None
         for h in self._floor_heads:
-            t = plain.attend(q, k, v, h, causal=self.causal, dropout_p=p)
+            t = attend(q, k, v, h, causal=self.causal, dropout_p=p)
             y = t if y is None else y + t
         return self.proj(y)
 
     atts = [m for m in model.modules() if isinstance(m, plain.SelfAttention)]
     for i, m in enumerate(atts):
         name = f"heads_{i}" if f"heads_{i}" in space.choices else "heads"
-        m._floor_heads = sorted(space.choices[name], reverse=True)  # the plain count first
+        heads = sorted(space.choices[name], reverse=True)  # the plain count first
+        m._floor_heads = heads if floor else heads[:1]
         m.forward = types.MethodType(forward, m)
     return len(atts)
 
@@ -477,13 +512,14 @@ def make_supernet(case: shapes.SupernetCase, provider: str, device: str) -> Benc
     batch = data.batch("train", case.batch, gen, device)
     torch.manual_seed(0)
     backend = backend_of(provider)
-    if provider == "floor" and case.space != "nanogpt":
-        raise Unavailable("floor: defined for the nanoGPT space (extra attention calls per head count)")
-    if provider in ("plain", "compiled-plain", "floor"):
+    if provider.startswith(("floor", "plain-fused")) and case.space != "nanogpt":
+        raise Unavailable(f"{provider}: defined for the nanoGPT space (its attention calls)")
+    if provider in ("plain", "compiled-plain", "floor", "plain-fused", "floor-fused"):
         model = _on_device(lambda: space.build_plain(_max_selection(space.choices), data), device)
         alphas = {}
-        if provider == "floor" and not _floor_attention(model, space):
-            raise Unavailable("floor: the plain model has no attention to extend")
+        if provider in ("floor", "plain-fused", "floor-fused") and not _floor_attention(
+                model, space, floor=provider.startswith("floor"), fused=provider.endswith("-fused")):
+            raise Unavailable(f"{provider}: the plain model has no attention to extend")
     else:
         model = _on_device(lambda: space.build_supernet(data), device)
         alphas = {n: torch.zeros(len(v), device=device, requires_grad=True)

@@ -95,7 +95,7 @@ def measure(case_name: str, provs: list[str], rounds: int, device: str = "cpu", 
 
 def markdown(res: dict) -> str:
     names = list(res["providers"])
-    ref = [n for n in ("plain", "floor", "compiled-plain") if n in names]
+    ref = [n for n in ("plain", "floor", "compiled-plain", "plain-fused", "floor-fused") if n in names]
     lines = [f"#### Interleaved step timing: {res['case']} ({res['device']}, {res['date']}, commit "
              f"`{res['commit']}`)", "",
              f"{res['rounds']} rounds, every provider once per round (order rotated), "

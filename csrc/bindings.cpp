@@ -164,6 +164,71 @@ void mixed_layernorm_cpu(bool backward, int dtype, int64_t N, int64_t E, py::lis
   else tangle::mixed_layernorm_forward_cpu(a);
 }
 
+// Fused attention with dropout (csrc/cpu/attention_cpu.cpp). Each tensor: a tuple
+// (address, sB, sH, sT) of a [B, H, T, D] view with contiguous last dim.
+void take(py::tuple t, const void** p, int64_t* s) {
+  TK_CHECK(py::len(t) == 4, "attention: tensors are (address, sB, sH, sT) tuples");
+  *p = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
+  for (int i = 0; i < 3; ++i) s[i] = t[i + 1].cast<int64_t>();
+  TK_CHECK(*p != nullptr, "attention: null tensor");
+}
+
+tangle::AttentionArgs attention_args(int dtype, int64_t B, int64_t H, int64_t Tq, int64_t Tk,
+                                     int64_t D, bool causal, double scale, double p,
+                                     uint64_t seed, py::tuple q, py::tuple k, py::tuple v,
+                                     py::tuple o, uintptr_t lse) {
+  TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "attention: float32 or float64");
+  TK_CHECK(B > 0 && H > 0 && Tq > 0 && Tk > 0 && D > 0, "attention: sizes must be positive");
+  TK_CHECK(B * H * Tq * Tk < (int64_t(1) << 62), "attention: too large");
+  TK_CHECK(Tq < (1 << 30) && Tk < (1 << 30) && D < (1 << 30), "attention: too large for BLAS");
+  TK_CHECK(p >= 0.0 && p < 1.0, "attention: dropout_p must be in [0, 1)");
+  TK_CHECK(lse != 0, "attention: null lse");
+  TK_CHECK(tangle::have_blas(), "attention: no BLAS (set_blas was not called)");
+  tangle::AttentionArgs a;
+  a.dtype = dtype; a.B = B; a.H = H; a.Tq = Tq; a.Tk = Tk; a.D = D;
+  a.causal = causal ? 1 : 0; a.scale = scale; a.dropout_p = p; a.seed = seed;
+  take(q, &a.q, a.q_s);
+  take(k, &a.k, a.k_s);
+  take(v, &a.v, a.v_s);
+  const void* op;
+  take(o, &op, a.o_s);
+  a.o = const_cast<void*>(op);
+  a.lse = reinterpret_cast<void*>(lse);
+  for (auto* s : {a.q_s, a.k_s, a.v_s, a.o_s})
+    TK_CHECK(s[2] >= D, "attention: row stride below D");
+  return a;
+}
+
+void attention_forward(int dtype, int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t D,
+                       bool causal, double scale, double p, uint64_t seed, py::tuple q,
+                       py::tuple k, py::tuple v, py::tuple o, uintptr_t lse) {
+  auto a = attention_args(dtype, B, H, Tq, Tk, D, causal, scale, p, seed, q, k, v, o, lse);
+  py::gil_scoped_release nogil;
+  tangle::attention_forward_cpu(a);
+}
+
+void attention_backward(int dtype, int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t D,
+                        bool causal, double scale, double p, uint64_t seed, py::tuple q,
+                        py::tuple k, py::tuple v, py::tuple o, uintptr_t lse, py::tuple g,
+                        py::tuple dq, py::tuple dk, py::tuple dv) {
+  auto a = attention_args(dtype, B, H, Tq, Tk, D, causal, scale, p, seed, q, k, v, o, lse);
+  const void* ptr;
+  take(g, &a.g, a.g_s);
+  take(dq, &ptr, a.dq_s); a.dq = const_cast<void*>(ptr);
+  take(dk, &ptr, a.dk_s); a.dk = const_cast<void*>(ptr);
+  take(dv, &ptr, a.dv_s); a.dv = const_cast<void*>(ptr);
+  for (auto* s : {a.g_s, a.dq_s, a.dk_s, a.dv_s})
+    TK_CHECK(s[2] >= D, "attention: row stride below D");
+  py::gil_scoped_release nogil;
+  tangle::attention_backward_cpu(a);
+}
+
+void dropout_keep(uint64_t seed, int64_t BH, int64_t Tq, int64_t Tk, double p, uintptr_t out) {
+  TK_CHECK(BH > 0 && Tq > 0 && Tk > 0 && out, "dropout_keep: bad arguments");
+  TK_CHECK(p >= 0.0 && p < 1.0, "dropout_keep: p must be in [0, 1)");
+  tangle::dropout_keep_cpu(seed, BH, Tq, Tk, p, reinterpret_cast<uint8_t*>(out));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -185,6 +250,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("mixed_layernorm_cpu", &mixed_layernorm_cpu,
         "Superposed LayerNorm forward (backward=False) or backward, see "
         "csrc/cpu/layernorm_mix_cpu.cpp.");
+  m.def("set_blas", &tangle::set_blas, py::arg("sgemm"), py::arg("dgemm"),
+        "Hand the fused attention the addresses of Fortran sgemm_ / dgemm_ (LP64).");
+  m.def("have_blas", &tangle::have_blas);
+  m.def("attention_forward_cpu", &attention_forward,
+        "Fused attention with dropout, forward (csrc/cpu/attention_cpu.cpp).");
+  m.def("attention_backward_cpu", &attention_backward,
+        "Fused attention with dropout, backward (csrc/cpu/attention_cpu.cpp).");
+  m.def("dropout_keep_cpu", &dropout_keep,
+        "The fused attention's dropout keep mask [BH, Tq, Tk] (uint8) for a seed.");
   m.def("cpu_num_threads", &tangle::cpu_num_threads);
 #ifdef TK_WITH_OPENMP
   m.attr("with_openmp") = true;

@@ -115,6 +115,32 @@ struct MixedLayerNormArgs {
 void mixed_layernorm_forward_cpu(const MixedLayerNormArgs& a);
 void mixed_layernorm_backward_cpu(const MixedLayerNormArgs& a);
 
+// Fused attention with dropout (csrc/cpu/attention_cpu.cpp has the math). Every tensor
+// is [B, H, T, D] by strides (sB, sH, sT) with contiguous last dim; lse is [B*H, Tq]
+// contiguous, of the storage dtype. The matmuls call the BLAS set by set_blas.
+struct AttentionArgs {
+  int dtype = kF32;                 // kF32 or kF64
+  int64_t B = 0, H = 0, Tq = 0, Tk = 0, D = 0;
+  int causal = 0;                   // top-left aligned: query i sees keys j <= i
+  double scale = 1.0, dropout_p = 0.0;
+  uint64_t seed = 0;
+  const void* q = nullptr; int64_t q_s[3] = {0, 0, 0};
+  const void* k = nullptr; int64_t k_s[3] = {0, 0, 0};
+  const void* v = nullptr; int64_t v_s[3] = {0, 0, 0};
+  void* o = nullptr; int64_t o_s[3] = {0, 0, 0};        // forward: written; backward: read
+  void* lse = nullptr;                                  // forward: written; backward: read
+  const void* g = nullptr; int64_t g_s[3] = {0, 0, 0};  // backward: dO
+  void* dq = nullptr; int64_t dq_s[3] = {0, 0, 0};
+  void* dk = nullptr; int64_t dk_s[3] = {0, 0, 0};
+  void* dv = nullptr; int64_t dv_s[3] = {0, 0, 0};
+};
+void set_blas(uintptr_t sgemm, uintptr_t dgemm);  // Fortran sgemm_ / dgemm_ (LP64)
+bool have_blas();
+void attention_forward_cpu(const AttentionArgs& a);
+void attention_backward_cpu(const AttentionArgs& a);
+// The keep mask (1 = kept) of a call: out [BH, Tq, Tk] uint8.
+void dropout_keep_cpu(uint64_t seed, int64_t BH, int64_t Tq, int64_t Tk, double p, uint8_t* out);
+
 #ifdef TK_WITH_CUDA
 // CUDA kernels (csrc/cuda/*.cu); `stream` is a cudaStream_t passed as an integer.
 void superpose_forward_cuda(const SuperposeArgs& a, uintptr_t stream);

@@ -38,14 +38,19 @@ def inputs(plan, dtype, seed, grads=(True, True, True)):
 TOLS = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-def test_fused_path_is_taken():
-    """The CPU float32/float64 call without dropout is the one-node fused path."""
+def test_fused_path_is_taken(monkeypatch):
+    """The CPU float32/float64 call is the one-node fused path, with dropout too (the
+    fused attention kernel); with that kernel off, dropout takes the gather / torch
+    attention / scatter path."""
     plan = PartitionPlan(24, [12, 24], [2, 4])
     qkv, a, b = inputs(plan, torch.float32, 0)
     y = partition_attention(qkv, a, b, plan)
     assert type(y.grad_fn).__name__ == "_PartitionAttentionBackward"
     y2 = partition_attention(qkv, a, b, plan, dropout_p=0.1)
-    assert type(y2.grad_fn).__name__ != "_PartitionAttentionBackward"
+    assert type(y2.grad_fn).__name__ == "_PartitionAttentionBackward"
+    monkeypatch.setenv("TANGLE_FUSED_ATTENTION", "0")
+    y3 = partition_attention(qkv, a, b, plan, dropout_p=0.1)
+    assert type(y3.grad_fn).__name__ == "_PartitionScatterBackward"
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -74,11 +79,12 @@ def test_fused_vs_reference_random_plans(seed):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_dropout_path_vs_reference_random_plans(seed):
-    """With attention dropout the CPU path is the gather node, torch's attention calls
-    with dropout, the scatter node: under the same RNG state (the same dropout masks:
-    one attention call per head count, in the same order and shapes) it equals the
-    reference composition, forward and every gradient."""
+def test_dropout_path_vs_reference_random_plans(seed, monkeypatch):
+    """With attention dropout and the fused attention kernel off, the CPU path is the
+    gather node, torch's attention calls with dropout, the scatter node: under the same
+    RNG state (the same dropout masks: one attention call per head count, in the same
+    order and shapes) it equals the reference composition, forward and every gradient."""
+    monkeypatch.setenv("TANGLE_FUSED_ATTENTION", "0")
     rng = random.Random(100 + seed)
     plan = random_plan(rng)
     dtype = rng.choice([torch.float32, torch.float64])
@@ -100,8 +106,10 @@ def test_dropout_path_vs_reference_random_plans(seed):
         torch.testing.assert_close(x, e, **tol)
 
 
-def test_dropout_gradcheck_fp64():
-    """gradcheck of the dropout path (the masks fixed by re-seeding every call)."""
+def test_dropout_gradcheck_fp64(monkeypatch):
+    """gradcheck of the torch-attention dropout path (the masks fixed by re-seeding
+    every call)."""
+    monkeypatch.setenv("TANGLE_FUSED_ATTENTION", "0")
     plan = PartitionPlan(12, [6, 12], [1, 3])
     qkv, a, b = inputs(plan, torch.float64, 3)
 

@@ -414,8 +414,17 @@ def test_partition_one_attention_call_per_head_count(monkeypatch):
         calls.append("sdpa")
         return real_sdpa(*a, **k)
 
+    import tangle_kernels.backends.cpu as cpu_backend
+
+    real_fused = cpu_backend.attention_forward
+
+    def fused(*a, **k):
+        calls.append("fused")
+        return real_fused(*a, **k)
+
     monkeypatch.setattr(hp, "_FLASH", flash)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(cpu_backend, "attention_forward", fused)
     m = tnn.EntangledAttention("e", "h", {"e": (8, 16), "h": (1, 2, 4)}, causal=True, dropout=0.25)
     x = torch.randn(2, 5, 16)
     arch = rand_arch(m.choices)
@@ -423,6 +432,10 @@ def test_partition_one_attention_call_per_head_count(monkeypatch):
     m(x, arch).sum().backward()
     assert calls == ["flash"] * 3
     calls.clear()
-    m.train()
+    m.train()  # attention dropout: the fused kernel with dropout, one call per head count
+    m(x, arch).sum().backward()
+    assert calls == ["fused"] * 3
+    calls.clear()
+    monkeypatch.setenv("TANGLE_FUSED_ATTENTION", "0")  # without it: torch's attention
     m(x, arch)
     assert calls == ["sdpa"] * 3

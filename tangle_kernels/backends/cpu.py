@@ -151,3 +151,110 @@ def head_scatter_multi(srcs, dst: torch.Tensor, heads, widths, coefs, *, accumul
     if dots is None:
         return None
     return list(torch.split(dots, [len(w) for w in widths]))
+
+
+# --- fused attention with dropout (csrc/cpu/attention_cpu.cpp) ---------------------------
+
+_BLAS_STATE: list = []  # [] = not probed yet; [reason or None]
+
+
+def _find_blas():
+    """Addresses of the Fortran ``sgemm_`` / ``dgemm_`` that torch's CPU library links
+    (MKL on x86 wheels, OpenBLAS elsewhere), or None."""
+    import ctypes
+    import os
+
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    names = sorted(n for n in os.listdir(libdir) if n.startswith("libtorch_cpu")) if os.path.isdir(libdir) else []
+    for name in names:
+        try:
+            lib = ctypes.CDLL(os.path.join(libdir, name))
+            return (ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
+                    ctypes.cast(lib.dgemm_, ctypes.c_void_p).value)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def attention_unavailable() -> str | None:
+    """Why the fused CPU attention cannot run here (None when it can). Set
+    ``TANGLE_FUSED_ATTENTION=0`` to turn it off."""
+    import os
+
+    if os.environ.get("TANGLE_FUSED_ATTENTION", "1") == "0":
+        return "turned off by TANGLE_FUSED_ATTENTION=0"
+    if _C is None or not hasattr(_C, "attention_forward_cpu"):
+        return "tangle_kernels._C has no attention_forward_cpu (rebuild the extension)"
+    if not _BLAS_STATE:
+        addrs = _find_blas()
+        if addrs is None or not all(addrs):
+            _BLAS_STATE.append("torch's CPU library exports no sgemm_/dgemm_")
+        else:
+            _C.set_blas(*addrs)
+            _BLAS_STATE.append(None)
+    return _BLAS_STATE[0]
+
+
+def _bhtd(t: torch.Tensor, what: str):
+    if t.dim() != 4 or t.stride(-1) != 1:
+        raise ValueError(f"attention: {what} must be [B, H, T, D] with a contiguous last dim, "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+    return (t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
+
+
+def _check_qkv(q, k, v):
+    if q.dtype not in (torch.float32, torch.float64) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: float32/float64 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
+        raise ValueError("attention: CPU tensors only")
+    B, H, Tq, D = q.shape
+    if k.shape != (B, H, k.shape[2], D) or v.shape != k.shape:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "do not match (same B, H, D; k, v the same length)")
+    return B, H, Tq, k.shape[2], D
+
+
+def attention_forward(q, k, v, *, causal: bool, scale: float, dropout_p: float, seed: int,
+                      out: torch.Tensor | None = None):
+    """``q [B, H, Tq, D]``, ``k, v [B, H, Tk, D]`` (strided, last dim contiguous) ->
+    ``(o [B, H, Tq, D], lse [B, H, Tq])``; ``out`` (a view) receives o when given."""
+    why = attention_unavailable()
+    if why:
+        raise RuntimeError(f"fused attention unavailable: {why}")
+    B, H, Tq, Tk, D = _check_qkv(q, k, v)
+    o = out if out is not None else torch.empty(B, H, Tq, D, dtype=q.dtype)
+    if o.shape != q.shape or o.dtype != q.dtype:
+        raise ValueError("attention: out must have q's shape and dtype")
+    lse = torch.empty(B, H, Tq, dtype=q.dtype)
+    _C.attention_forward_cpu(DTYPE_CODES[q.dtype], B, H, Tq, Tk, D, bool(causal), float(scale),
+                             float(dropout_p), int(seed) & (2**64 - 1), _bhtd(q, "q"),
+                             _bhtd(k, "k"), _bhtd(v, "v"), _bhtd(o, "out"), lse.data_ptr())
+    return o, lse
+
+
+def attention_backward(g, q, k, v, o, lse, *, causal: bool, scale: float, dropout_p: float,
+                       seed: int, dq=None, dk=None, dv=None):
+    """The gradients ``(dq, dk, dv)`` of :func:`attention_forward` for ``g = dL/do``
+    (the same seed regenerates the dropout mask); ``dq``/``dk``/``dv`` (views) receive
+    them when given."""
+    why = attention_unavailable()
+    if why:
+        raise RuntimeError(f"fused attention unavailable: {why}")
+    B, H, Tq, Tk, D = _check_qkv(q, k, v)
+    if g.shape != q.shape or o.shape != q.shape or lse.shape != (B, H, Tq) or not lse.is_contiguous():
+        raise ValueError("attention: g, o must have q's shape and lse be contiguous [B, H, Tq]")
+    dq = dq if dq is not None else torch.empty(B, H, Tq, D, dtype=q.dtype)
+    dk = dk if dk is not None else torch.empty(B, H, Tk, D, dtype=q.dtype)
+    dv = dv if dv is not None else torch.empty(B, H, Tk, D, dtype=q.dtype)
+    _C.attention_backward_cpu(DTYPE_CODES[q.dtype], B, H, Tq, Tk, D, bool(causal), float(scale),
+                              float(dropout_p), int(seed) & (2**64 - 1), _bhtd(q, "q"),
+                              _bhtd(k, "k"), _bhtd(v, "v"), _bhtd(o, "o"), lse.data_ptr(),
+                              _bhtd(g, "g"), _bhtd(dq, "dq"), _bhtd(dk, "dk"), _bhtd(dv, "dv"))
+    return dq, dk, dv
+
+
+def dropout_keep(seed: int, B: int, H: int, Tq: int, Tk: int, p: float) -> torch.Tensor:
+    """The keep mask (bool ``[B, H, Tq, Tk]``) the fused attention draws for ``seed``."""
+    out = torch.empty(B, H, Tq, Tk, dtype=torch.uint8)
+    _C.dropout_keep_cpu(int(seed) & (2**64 - 1), B * H, Tq, Tk, float(p), out.data_ptr())
+    return out.bool()

@@ -28,22 +28,29 @@ The paper's code differs for a non-max embedding width: its padded head slots pu
 h``) and it scales by ``1/sqrt(E/h)``, so its one-hot soft forward is not the extracted
 sub-network. This op keeps that invariant.
 
-:func:`partition_attention` is one autograd node on CPU (float32/float64, no dropout):
-the forward saves only ``qkv``, each call's output and log-sum-exp; the backward
-recomputes the gathers (activation-sized copies, no attention recompute) and runs the
-attention backward of each call. With attention dropout on CPU the gathers and the
-scatter are one node each (the same C++ kernels) around torch's own attention calls
-with dropout, one per head count. Elsewhere (CUDA, half precision, torch.compile) the
-same math runs as a plain autograd composition (:func:`partition_attention_reference`,
-also the oracle of the tests).
+:func:`partition_attention` is one autograd node on CPU (float32/float64): the forward
+saves only ``qkv``, each call's output and log-sum-exp; the backward recomputes the
+gathers (activation-sized copies, no attention recompute) and runs the attention
+backward of each call. The attention calls are torch's CPU flash kernel without
+dropout, and with attention dropout the fused kernel of :mod:`tangle_kernels.ops.attention`
+(its masks drawn from one seed per call, regenerated in backward; torch has no CPU
+flash kernel with dropout, and its math path keeps every call's attention matrices).
+Where that kernel is unavailable (no BLAS symbol found, ``TANGLE_FUSED_ATTENTION=0``)
+the dropout path is a gather node and a scatter node (the same C++ kernels) around
+torch's own attention calls with dropout, one per head count. Elsewhere (CUDA, half
+precision, torch.compile) the same math runs as a plain autograd composition
+(:func:`partition_attention_reference`, also the oracle of the tests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .attention import draw_seed, fused_attention_available
 
 __all__ = ["partition_attention", "partition_attention_reference", "PartitionPlan"]
 
@@ -95,39 +102,49 @@ def _coefs(plan: PartitionPlan, j: int, av: list[float]) -> list[list[float]]:
 
 class _PartitionAttention(torch.autograd.Function):
     """One node on CPU: per head count, the gather of q | k | v (C++ kernel), one flash
-    attention call, the scatter of its output into ``y`` (C++ kernel). Saves ``qkv``
-    and each call's output and log-sum-exp; the backward recomputes the gathers."""
+    attention call (torch's without dropout; with dropout the fused kernel of
+    :mod:`tangle_kernels.ops.attention`, its mask from one seed per call drawn from
+    torch's generator), the scatter of its output into ``y`` (C++ kernel). Saves
+    ``qkv`` and each call's output and log-sum-exp; the backward recomputes the gathers
+    (and the dropout masks from the seeds)."""
 
     @staticmethod
-    def forward(ctx, qkv, a, b, plan, causal):
-        from ..backends.cpu import head_partition
+    def forward(ctx, qkv, a, b, plan, causal, dropout_p):
+        from ..backends.cpu import attention_forward, head_partition
 
         B, T, _ = qkv.shape
         E = plan.E
         X = qkv.view(B, T, 3, E)
         av, bv = a.detach().double().tolist(), b.detach().double().tolist()
         y = qkv.new_empty(B, T, E)
-        outs, lses = [], []
+        outs, lses, seeds = [], [], []
         for j, h in enumerate(plan.heads):
             w = _widths(plan, j)
             G = qkv.new_empty(B, T, 3, h, E // h)
             for p, c in enumerate(_coefs(plan, j, av)):
                 head_partition(False, X[:, :, p], G[:, :, p], h, w, c, accumulate=False)
             q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
-            o, lse = _FLASH(q, k, v, 0.0, causal, scale=1.0)
+            if dropout_p > 0.0:  # the fused kernel (its mask from a seed per call)
+                seeds.append(draw_seed())
+                o = qkv.new_empty(B, T, h, E // h).transpose(1, 2)
+                o, lse = attention_forward(q, k, v, causal=causal, scale=1.0, dropout_p=dropout_p,
+                                           seed=seeds[-1], out=o)
+            else:
+                o, lse = _FLASH(q, k, v, 0.0, causal, scale=1.0)
             head_partition(True, o.transpose(1, 2), y, h, w, [bv[j] * ai for ai in av],
                            accumulate=j > 0)
             outs.append(o)
             lses.append(lse)
-        ctx.plan, ctx.causal = plan, causal
+        ctx.plan, ctx.causal, ctx.dropout = plan, causal, (dropout_p, seeds)
         ctx.save_for_backward(qkv, a, b, *outs, *lses)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from ..backends.cpu import head_partition
+        from ..backends.cpu import attention_backward, head_partition
 
         plan, causal = ctx.plan, ctx.causal
+        dropout_p, seeds = ctx.dropout
         qkv, a, b, *rest = ctx.saved_tensors
         nh = len(plan.heads)
         outs, lses = rest[:nh], rest[nh:]
@@ -160,7 +177,15 @@ class _PartitionAttention(torch.autograd.Function):
                 for i in range(m):
                     db[j] += dc[i] * av[i]
                     da[i] += dc[i] * bv[j]
-            grads = _FLASH_BWD(dO.transpose(1, 2), q, k, v, o, lse, 0.0, causal, scale=1.0)
+            if dropout_p > 0.0:
+                dG = qkv.new_empty(B, T, 3, h, D)
+                grads = attention_backward(dO.transpose(1, 2), q, k, v, o, lse, causal=causal,
+                                           scale=1.0, dropout_p=dropout_p, seed=seeds[j],
+                                           dq=dG[:, :, 0].transpose(1, 2),
+                                           dk=dG[:, :, 1].transpose(1, 2),
+                                           dv=dG[:, :, 2].transpose(1, 2))
+            else:
+                grads = _FLASH_BWD(dO.transpose(1, 2), q, k, v, o, lse, 0.0, causal, scale=1.0)
             del G, q, k, v, dO
             for p, gp in enumerate(grads):  # Q_j = sum_i a_i s_pij G_ij(q), ...
                 dC = head_partition(True, gp.transpose(1, 2), dX[:, :, p], h, w, coefs[p],
@@ -174,6 +199,7 @@ class _PartitionAttention(torch.autograd.Function):
             dX.view(B, T, 3 * E),
             torch.tensor(da, dtype=a.dtype) if need_a else None,
             torch.tensor(db, dtype=b.dtype) if need_b else None,
+            None,
             None,
             None,
         )
@@ -291,10 +317,13 @@ def _partition_attention_dropout(qkv, a, b, plan: PartitionPlan, causal: bool, d
 
 
 def partition_attention_reference(qkv, a, b, plan: PartitionPlan, *, causal: bool = True,
-                                  dropout_p: float = 0.0) -> torch.Tensor:
+                                  dropout_p: float = 0.0,
+                                  attend: Callable | None = None) -> torch.Tensor:
     """The same math as :func:`partition_attention` in plain differentiable torch ops
     (zero padding, ``scaled_dot_product_attention``); the oracle of the tests and the
-    path on CUDA and with dropout."""
+    path on CUDA, under compile and autocast. ``attend(j, q, k, v)`` (``[B, h_j, T,
+    D_j]``, q pre-scaled) replaces head count ``j``'s attention call (the tests pass one
+    with the fused kernel's dropout masks)."""
     B, T, _ = qkv.shape
     E = plan.E
     X = qkv.view(B, T, 3, E)
@@ -309,8 +338,11 @@ def partition_attention_reference(qkv, a, b, plan: PartitionPlan, *, causal: boo
                 t = src[:, :, p] * (a[i] * (d ** -0.5 if p == 0 else 1.0)).to(qkv.dtype)
                 parts[p] = t if parts[p] is None else parts[p] + t
         q, k, v = (t.transpose(1, 2) for t in parts)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
-                                           scale=1.0).transpose(1, 2)  # [B, T, h, D]
+        if attend is not None:
+            o = attend(j, q, k, v).transpose(1, 2)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                               scale=1.0).transpose(1, 2)  # [B, T, h, D]
         for i, e in enumerate(plan.embeds):
             d = e // h
             t = o[..., :d].reshape(B, T, e) * (b[j] * a[i]).to(qkv.dtype)
@@ -342,6 +374,6 @@ def partition_attention(qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return partition_attention_reference(qkv, a, b, plan, causal=causal, dropout_p=dropout_p)
     if not qkv.is_contiguous():
         qkv = qkv.contiguous()
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and fused_attention_available() is not None:
         return _partition_attention_dropout(qkv, a, b, plan, bool(causal), float(dropout_p))
-    return _PartitionAttention.apply(qkv, a, b, plan, bool(causal))
+    return _PartitionAttention.apply(qkv, a, b, plan, bool(causal), float(dropout_p))
