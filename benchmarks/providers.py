@@ -105,7 +105,8 @@ def layer_providers(device: str) -> list[str]:
 
 
 def supernet_providers(device: str) -> list[str]:
-    return [ours(b) for b in BACKENDS_BY_DEVICE[device]] + ["reference", "plain", "floor",
+    extra = ["floor-fused"] if device == "cpu" else []
+    return [ours(b) for b in BACKENDS_BY_DEVICE[device]] + ["reference", "plain", "floor", *extra,
                                                             "compiled-ours", "compiled-plain"]
 
 

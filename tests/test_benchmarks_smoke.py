@@ -153,6 +153,25 @@ def test_floor_provider_runs_one_attention_call_per_head_count():
             assert calls == per_layer * n_layers, (prov, calls)
     finally:
         F.scaled_dot_product_attention = orig
+    import tangle_kernels.ops.attention as att
+
+    orig_fused = att.fused_attention
+
+    def counting_fused(q, *a, **k):
+        calls.append(q.shape[1])
+        return orig_fused(q, *a, **k)
+
+    att.fused_attention = counting_fused
+    F.scaled_dot_product_attention = counting  # must not be called
+    try:
+        for prov, per_layer in (("plain-fused", heads[:1]), ("floor-fused", heads)):
+            calls.clear()
+            b = providers.make_supernet(case, prov, "cpu")
+            b.fn()
+            assert calls == per_layer * n_layers, (prov, calls)
+    finally:
+        att.fused_attention = orig_fused
+        F.scaled_dot_product_attention = orig
     rec = harness.run_supernet(case.name, "floor", ST)
     _ok(rec)
     conv = next(c for c in shapes.supernet_cases("cpu", "smoke") if c.name == "conv-macro")
