@@ -141,7 +141,7 @@ class _PartitionAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ..backends.cpu import attention_backward, head_partition
+        from ..backends.cpu import attention_backward, head_partition, head_scatter_multi
 
         plan, causal = ctx.plan, ctx.causal
         dropout_p, seeds = ctx.dropout
@@ -160,6 +160,7 @@ class _PartitionAttention(torch.autograd.Function):
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         dX = qkv.new_empty(B, T, 3, E)
+        dGs = []
         for j, h in enumerate(plan.heads):
             w = _widths(plan, j)
             D = E // h
@@ -187,14 +188,19 @@ class _PartitionAttention(torch.autograd.Function):
             else:
                 grads = _FLASH_BWD(dO.transpose(1, 2), q, k, v, o, lse, 0.0, causal, scale=1.0)
             del G, q, k, v, dO
-            for p, gp in enumerate(grads):  # Q_j = sum_i a_i s_pij G_ij(q), ...
-                dC = head_partition(True, gp.transpose(1, 2), dX[:, :, p], h, w, coefs[p],
-                                    accumulate=j > 0, other=X[:, :, p] if need_a else None)
-                if need_a:
-                    dC = dC.tolist()
-                    for i in range(m):
-                        da[i] += dC[i] * (w[i] ** -0.5 if p == 0 else 1.0)
+            dGs.append([gp.transpose(1, 2) for gp in grads])  # [B, T, h, D] views
             del grads
+        for p in range(3):  # Q_j = sum_i a_i s_pij G_ij(q), ...: one pass over dqkv's part p
+            dots = head_scatter_multi([dGs[j][p] for j in range(nh)], dX[:, :, p], list(plan.heads),
+                                      [_widths(plan, j) for j in range(nh)],
+                                      [_coefs(plan, j, av)[p] for j in range(nh)], accumulate=False,
+                                      other=X[:, :, p] if need_a else None)
+            if need_a:
+                for j, dC in enumerate(dots):
+                    w = _widths(plan, j)
+                    for i, v in enumerate(dC.tolist()):
+                        da[i] += v * (w[i] ** -0.5 if p == 0 else 1.0)
+        del dGs
         return (
             dX.view(B, T, 3 * E),
             torch.tensor(da, dtype=a.dtype) if need_a else None,
