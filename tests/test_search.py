@@ -360,6 +360,10 @@ def test_spos_search_trains_no_alphas_and_selects_by_evolution(tmp_path):
     assert best["score"] == pytest.approx(
         s.evaluate_selection(best["arch"], s.eval_set[:1])["loss"]
     )
+    # how decided: the supernet scores of the best, the runner-up and the median selection
+    scores = sorted(h["score"] for h in hist)
+    assert res["decided"]["spos"] == {"search": "evolution", "scored": 6, "best": scores[0],
+                                      "runner_up": scores[1], "median": scores[3]}
 
 
 def test_derive_seed_streams_are_independent():

@@ -743,7 +743,7 @@ class Search:
         for SPOS the supernet scores of the best and runner-up selections."""
         if self.sampler.trains_arch:
             return decision_report(self.sampler.probs(), self.space.choices)
-        scores = sorted(v for _, v in (history or []))
+        scores = sorted(float(h["score"]) for h in (history or []))  # [{"arch", "score"}]
         return {
             "spos": {
                 "search": self.cfg.spos_search,
