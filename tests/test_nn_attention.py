@@ -277,8 +277,27 @@ def test_nanogpt_one_sdpa_call_per_width_group(sdpa_calls):
     assert len(sdpa_calls) == 1 and sdpa_calls[0]["dropout_p"] == 0.25
     y.sum().backward()
     sdpa_calls.clear()
+    # the one-hot path in training: the sub-network's one call, with dropout on CPU the
+    # fused kernel (tangle_kernels.ops.attention)
+    import tangle_kernels.ops.attention as att
+
+    fused = []
+    real_fused = att.fused_attention
+
+    def counting_fused(*a, **k):
+        fused.append(k)
+        return real_fused(*a, **k)
+
+    att.fused_attention = counting_fused
+    try:
+        m(x, tnn.one_hot_arch(m.choices, {"e": 8, "h": 2})).sum().backward()
+    finally:
+        att.fused_attention = real_fused
+    assert len(sdpa_calls) + len(fused) == 1
+    assert len(fused) == (1 if att.fused_attention_available() is None else 0)
+    m.eval()
     m(x, tnn.one_hot_arch(m.choices, {"e": 8, "h": 2}))
-    assert len(sdpa_calls) == 1
+    assert len(sdpa_calls) == 1  # no dropout: torch's attention
 
 
 def test_nanogpt_grouping_default_by_device(sdpa_calls):

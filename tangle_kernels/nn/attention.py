@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import plain
+from ..ops.attention import attention as _routed_attention
 from ..ops.head_partition import PartitionPlan, partition_attention
 from .arch import HardArch
 from .base import EntangledModule
@@ -287,8 +288,12 @@ class EntangledAttention(EntangledModule):
         return y
 
     def _attend(self, q, k, v, h):
+        """Attention of the sliced sub-network, the max-size model and AutoFormer mode:
+        with dropout on CPU the fused kernel (:func:`tangle_kernels.ops.attention.attention`;
+        the extracted plain module runs torch's, the same function up to the dropout
+        mask's random stream)."""
         p = self.dropout if self.training else 0.0
-        return plain.attend(q, k, v, h, causal=self.causal, dropout_p=p)
+        return plain.attend(q, k, v, h, causal=self.causal, dropout_p=p, kernel=_routed_attention)
 
     def forward(
         self, x: torch.Tensor, arch: Mapping[str, torch.Tensor] | None = None

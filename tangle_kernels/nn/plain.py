@@ -62,15 +62,21 @@ def attend(
     *,
     causal: bool,
     dropout_p: float,
+    kernel=None,
 ) -> torch.Tensor:
     """Multi-head scaled dot-product attention of ``[B, T, H*d]`` q/k/v with ``num_heads``
-    heads of width ``d`` (scale ``1/sqrt(d)``); returns ``[B, T, H*d]``."""
+    heads of width ``d`` (scale ``1/sqrt(d)``); returns ``[B, T, H*d]``. ``kernel(q, k,
+    v, causal=, dropout_p=)`` on ``[B, H, T, d]`` replaces torch's
+    ``scaled_dot_product_attention``."""
     B, T, C = q.shape
     d = C // num_heads
     q = q.reshape(B, T, num_heads, d).transpose(1, 2)
     k = k.reshape(B, T, num_heads, d).transpose(1, 2)
     v = v.reshape(B, T, num_heads, d).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    if kernel is not None:
+        y = kernel(q, k, v, causal=causal, dropout_p=dropout_p)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     return y.transpose(1, 2).reshape(B, T, C)
 
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["fused_attention", "fused_attention_available", "attention_reference",
-           "dropout_keep_mask", "draw_seed"]
+           "dropout_keep_mask", "draw_seed", "attention"]
 
 
 def fused_attention_available() -> str | None:
@@ -106,3 +107,16 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if seed is None:
         seed = draw_seed() if dropout_p > 0.0 else 0
     return _FusedAttention.apply(q, k, v, bool(causal), s, float(dropout_p), int(seed))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` routed: the fused kernel where it pays (CPU
+    float32/float64 with dropout, eager, no autocast, the kernel available: torch's CPU
+    attention with dropout is its math path), torch's own everywhere else."""
+    if (dropout_p > 0.0 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and fused_attention_available() is None):
+        return fused_attention(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
