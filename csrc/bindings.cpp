@@ -132,6 +132,42 @@ void head_scatter_multi_cpu(int dtype, int64_t B, int64_t T, int64_t E, py::list
   tangle::head_scatter_multi_cpu(as);
 }
 
+// Several head-partition gathers over the same rows in one pass
+// (csrc/cpu/head_partition_cpu.cpp); each entry a tuple (E, h, widths, coefs, src,
+// s_sB, s_sT, dst, d_sB, d_sT, d_sH, accumulate).
+void head_gather_multi_cpu(int dtype, int64_t B, int64_t T, py::list gathers) {
+  TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "head partition: float32 or float64");
+  TK_CHECK(B >= 0 && T >= 0, "head partition: bad sizes");
+  const size_t J = py::len(gathers);
+  TK_CHECK(J > 0, "head partition: no gathers");
+  std::vector<std::vector<int64_t>> w(J);
+  std::vector<std::vector<double>> c(J);
+  std::vector<tangle::HeadPartitionArgs> as(J);
+  for (size_t j = 0; j < J; ++j) {
+    auto g = gathers[j].cast<py::tuple>();
+    TK_CHECK(py::len(g) == 12, "head partition: a gather is (E, h, widths, coefs, src, s_sB, "
+                               "s_sT, dst, d_sB, d_sT, d_sH, accumulate)");
+    const int64_t E = g[0].cast<int64_t>(), h = g[1].cast<int64_t>();
+    TK_CHECK(E > 0 && h > 0 && E % h == 0, "head partition: heads must divide E");
+    for (auto x : g[2].cast<py::list>()) w[j].push_back(x.cast<int64_t>());
+    for (auto x : g[3].cast<py::list>()) c[j].push_back(x.cast<double>());
+    TK_CHECK(!w[j].empty() && w[j].size() == c[j].size(),
+             "head partition: widths and coefs must have the same non-zero length");
+    for (auto d : w[j]) TK_CHECK(d >= 1 && d * h <= E, "head partition: head width out of range");
+    tangle::HeadPartitionArgs& a = as[j];
+    a.dtype = dtype; a.B = B; a.T = T; a.E = E; a.h = h; a.D = E / h;
+    a.m = static_cast<int>(w[j].size()); a.widths = w[j].data(); a.coefs = c[j].data();
+    a.src = reinterpret_cast<const void*>(g[4].cast<uintptr_t>());
+    a.s_sB = g[5].cast<int64_t>(); a.s_sT = g[6].cast<int64_t>();
+    a.dst = reinterpret_cast<void*>(g[7].cast<uintptr_t>());
+    a.d_sB = g[8].cast<int64_t>(); a.d_sT = g[9].cast<int64_t>(); a.d_sH = g[10].cast<int64_t>();
+    a.accumulate = g[11].cast<bool>() ? 1 : 0;
+    TK_CHECK(B * T == 0 || (a.src && a.dst), "head partition: null src or dst");
+  }
+  py::gil_scoped_release nogil;
+  tangle::head_gather_multi_cpu(as);
+}
+
 void mixed_layernorm_cpu(bool backward, int dtype, int64_t N, int64_t E, py::list widths,
                          py::list mix, double eps, uintptr_t x, int64_t sx, uintptr_t w,
                          uintptr_t bmix, uintptr_t y, uintptr_t mu, uintptr_t rstd, uintptr_t g,
@@ -246,6 +282,9 @@ PYBIND11_MODULE(_C, m) {
         "csrc/cpu/head_partition_cpu.cpp.");
   m.def("head_scatter_multi_cpu", &head_scatter_multi_cpu,
         "The head-partition scatters of several head counts into one dst in one pass, see "
+        "csrc/cpu/head_partition_cpu.cpp.");
+  m.def("head_gather_multi_cpu", &head_gather_multi_cpu,
+        "Several head-partition gathers over the same rows in one pass, see "
         "csrc/cpu/head_partition_cpu.cpp.");
   m.def("mixed_layernorm_cpu", &mixed_layernorm_cpu,
         "Superposed LayerNorm forward (backward=False) or backward, see "

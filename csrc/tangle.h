@@ -87,6 +87,8 @@ void head_gather_cpu(const HeadPartitionArgs& a);
 void head_scatter_cpu(const HeadPartitionArgs& a);
 // Several scatters (one per head count) into one dst, other and row set: one pass.
 void head_scatter_multi_cpu(const std::vector<HeadPartitionArgs>& as);
+// Several gathers over the same rows (each its own src, dst, strides, optional dots): one pass.
+void head_gather_multi_cpu(const std::vector<HeadPartitionArgs>& as);
 
 // Superposed LayerNorm over prefixes of width widths[k] with weights mix[k]
 // (csrc/cpu/layernorm_mix_cpu.cpp has the math). x, g: rows of E contiguous values

@@ -225,3 +225,42 @@ def test_scatter_multi_equals_one_scatter_per_head_count(dtype):
     assert torch.equal(one, got[:, :, 2]) and all(torch.equal(a, b) for a, b in zip(d1, dots_got))
     with pytest.raises(ValueError, match="source of shape"):
         head_scatter_multi(srcs[:1], one, [4], widths[:1], coefs[:1], accumulate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_multi_equals_one_gather_each(dtype):
+    """head_gather_multi (several gathers over the same rows in one pass) writes the bits
+    of one gather each: strided sources (q|k|v parts) and destinations, mixed head counts
+    and widths (a candidate narrower than the slot: zero-filled), rows above the parallel
+    threshold, any thread count; mismatched rows are refused."""
+    from tangle_kernels.backends.cpu import head_gather_multi, head_partition
+
+    g = torch.Generator().manual_seed(12)
+    B, T, E = 3, 200, 48
+    X = torch.randn(B, T, 3, E, generator=g, dtype=dtype)
+    heads, embeds = [2, 4, 6, 4], [24, 36]
+    srcs = [X[:, :, p] for p in (0, 1, 2, 1)]
+    widths = [[e // h for e in embeds] for h in heads]
+    coefs = [[float(torch.rand(1, generator=g)) for _ in embeds] for _ in heads]
+    want = [torch.full((B, T, 3, h, E // h), float("nan"), dtype=dtype)[:, :, 1] for h in heads]
+    for s, d, h, w, c in zip(srcs, want, heads, widths, coefs):
+        head_partition(False, s, d, h, w, c, accumulate=False)
+    n = torch.get_num_threads()
+    for threads in (1, 2):
+        got = [torch.full((B, T, 3, h, E // h), float("nan"), dtype=dtype)[:, :, 1] for h in heads]
+        try:
+            torch.set_num_threads(threads)
+            head_gather_multi(srcs, got, heads, widths, coefs)
+        finally:
+            torch.set_num_threads(n)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b) and not a.isnan().any()
+    # against the definition: slot (r, u) = sum_i [u < d_i] c_i src[r d_i + u]
+    h, w, c = heads[1], widths[1], coefs[1]
+    exp = torch.zeros(B, T, h, E // h, dtype=dtype)
+    for d, ci in zip(w, c):
+        exp[..., :d] += ci * srcs[1][..., :h * d].reshape(B, T, h, d)
+    torch.testing.assert_close(want[1], exp)
+    with pytest.raises(ValueError, match="same rows"):
+        head_gather_multi([X[:, :, 0], X[:1, :, 0]], [want[0], want[1][:1]], heads[:2], widths[:2],
+                          coefs[:2])

@@ -39,64 +39,93 @@ std::vector<int> width_order(const HeadPartitionArgs& a) {
   return ord;
 }
 
+// One row of the gather of `a` (dst row slots = sum_i c_i G_i(src row)), its dots with
+// `other` added to part[0..m).
 template <typename S>
-void gather_impl(const HeadPartitionArgs& a) {
-  const int64_t rows = a.B * a.T;
-  const int64_t nch = (rows + kChunk - 1) / kChunk;
+inline void gather_row(const HeadPartitionArgs& a, const std::vector<int>& ord, int64_t b,
+                       int64_t t, double* part) {
   const int m = a.m;
-  std::vector<double> part(a.dots ? nch * m : 0, 0.0);
-  const S* src = static_cast<const S*>(a.src);
-  S* dst = static_cast<S*>(a.dst);
+  const S* srow = static_cast<const S*>(a.src) + b * a.s_sB + t * a.s_sT;
+  S* drow = static_cast<S*>(a.dst) + b * a.d_sB + t * a.d_sT;
   const S* oth = static_cast<const S*>(a.other);
-  const std::vector<int> ord = width_order(a);
-#pragma omp parallel for schedule(static) if (rows * a.E > (1 << 15))
-  for (int64_t ch = 0; ch < nch; ++ch) {
-    const int64_t r0 = ch * kChunk, r1 = std::min(rows, r0 + kChunk);
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t b = row / a.T, t = row % a.T;
-      const S* srow = src + b * a.s_sB + t * a.s_sT;
-      S* drow = dst + b * a.d_sB + t * a.d_sT;
-      const S* orow = oth ? oth + b * a.o_sB + t * a.o_sT : nullptr;
-      for (int64_t r = 0; r < a.h; ++r) {
-        S* dh = drow + r * a.d_sH;
-        int k0 = 0;
-        if (!a.accumulate) {  // the widest candidate writes (no zero fill when it spans D)
-          const int i = ord[0];
-          const int64_t d = a.widths[i];
-          const S c = S(a.coefs[i]);
-          const S* sh = srow + r * d;
+  const S* orow = oth ? oth + b * a.o_sB + t * a.o_sT : nullptr;
+  for (int64_t r = 0; r < a.h; ++r) {
+    S* dh = drow + r * a.d_sH;
+    int k0 = 0;
+    if (!a.accumulate) {  // the widest candidate writes (no zero fill when it spans D)
+      const int i = ord[0];
+      const int64_t d = a.widths[i];
+      const S c = S(a.coefs[i]);
+      const S* sh = srow + r * d;
 #pragma omp simd
-          for (int64_t u = 0; u < d; ++u) dh[u] = c * sh[u];
-          for (int64_t u = d; u < a.D; ++u) dh[u] = S(0);
-          k0 = 1;
-        }
-        for (int k = k0; k < m; ++k) {
-          const int i = ord[k];
-          const int64_t d = a.widths[i];
-          const S c = S(a.coefs[i]);
-          const S* sh = srow + r * d;
+      for (int64_t u = 0; u < d; ++u) dh[u] = c * sh[u];
+      for (int64_t u = d; u < a.D; ++u) dh[u] = S(0);
+      k0 = 1;
+    }
+    for (int k = k0; k < m; ++k) {
+      const int i = ord[k];
+      const int64_t d = a.widths[i];
+      const S c = S(a.coefs[i]);
+      const S* sh = srow + r * d;
 #pragma omp simd
-          for (int64_t u = 0; u < d; ++u) dh[u] += c * sh[u];
-        }
-        if (orow) {
-          for (int i = 0; i < m; ++i) {
-            const int64_t d = a.widths[i];
-            const S* sh = srow + r * d;
-            const S* oh = orow + r * a.o_sH;
-            S acc = S(0);  // one head (<= D terms) in S, the rest in double
+      for (int64_t u = 0; u < d; ++u) dh[u] += c * sh[u];
+    }
+    if (orow) {
+      for (int i = 0; i < m; ++i) {
+        const int64_t d = a.widths[i];
+        const S* sh = srow + r * d;
+        const S* oh = orow + r * a.o_sH;
+        S acc = S(0);  // one head (<= D terms) in S, the rest in double
 #pragma omp simd reduction(+ : acc)
-            for (int64_t u = 0; u < d; ++u) acc += sh[u] * oh[u];
-            part[ch * m + i] += double(acc);
-          }
-        }
+        for (int64_t u = 0; u < d; ++u) acc += sh[u] * oh[u];
+        part[i] += double(acc);
       }
     }
   }
-  if (a.dots) {
-    for (int i = 0; i < m; ++i) a.dots[i] = 0.0;
-    for (int64_t ch = 0; ch < nch; ++ch)
-      for (int i = 0; i < m; ++i) a.dots[i] += part[ch * m + i];
+}
+
+// Several gathers over the same rows (B, T) in one pass: each row (b, t) of every source
+// is read once while it is in L1, for all of them (the q, k and v of a head count, or
+// every head count's); one parallel region, fixed chunks (deterministic dots).
+template <typename S>
+void gather_multi_impl(const std::vector<HeadPartitionArgs>& as) {
+  const HeadPartitionArgs& a0 = as[0];
+  const int64_t rows = a0.B * a0.T;
+  const int64_t nch = (rows + kChunk - 1) / kChunk;
+  const int J = static_cast<int>(as.size());
+  std::vector<int64_t> off(J + 1, 0);
+  int64_t width = 0;
+  for (int j = 0; j < J; ++j) {
+    off[j + 1] = off[j] + (as[j].dots ? as[j].m : 0);
+    width += as[j].E;
   }
+  const int64_t M = off[J];
+  std::vector<double> part(nch * M, 0.0);
+  std::vector<std::vector<int>> ord(J);
+  for (int j = 0; j < J; ++j) ord[j] = width_order(as[j]);
+#pragma omp parallel for schedule(static) if (rows * width > (1 << 15))
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t r0 = ch * kChunk, r1 = std::min(rows, r0 + kChunk);
+    int64_t b = r0 / a0.T, t = r0 % a0.T;
+    for (int64_t row = r0; row < r1; ++row) {
+      for (int j = 0; j < J; ++j)
+        gather_row<S>(as[j], ord[j], b, t, as[j].dots ? &part[ch * M + off[j]] : nullptr);
+      if (++t == a0.T) { t = 0; ++b; }
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    if (!as[j].dots) continue;
+    for (int i = 0; i < as[j].m; ++i) {
+      double acc = 0.0;
+      for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * M + off[j] + i];
+      as[j].dots[i] = acc;
+    }
+  }
+}
+
+template <typename S>
+void gather_impl(const HeadPartitionArgs& a) {
+  gather_multi_impl<S>(std::vector<HeadPartitionArgs>{a});
 }
 
 // One row of the scatter of `a` (dst row = sum_i c_i G_i^T(src row)), its dots added
@@ -193,6 +222,12 @@ void scatter_impl(const HeadPartitionArgs& a) {
 void head_gather_cpu(const HeadPartitionArgs& a) {
   if (a.dtype == kF64) gather_impl<double>(a);
   else gather_impl<float>(a);
+}
+
+void head_gather_multi_cpu(const std::vector<HeadPartitionArgs>& as) {
+  if (as.empty()) return;
+  if (as[0].dtype == kF64) gather_multi_impl<double>(as);
+  else gather_multi_impl<float>(as);
 }
 
 void head_scatter_cpu(const HeadPartitionArgs& a) {

@@ -82,6 +82,31 @@ def head_partition(scatter: bool, src: torch.Tensor, dst: torch.Tensor, heads: i
     return dots
 
 
+def head_gather_multi(srcs, dsts, heads, widths, coefs):
+    """Several head-partition gathers (``srcs[g] [B, T, >=E_g]`` -> ``dsts[g] [B, T, h_g,
+    D_g]``, strided, columns contiguous; each writes its dst) over the same rows in ONE
+    pass (csrc/cpu/head_partition_cpu.cpp): every source row is read once for all."""
+    entries = []
+    B = T = None
+    for s, d, h, w, c in zip(srcs, dsts, heads, widths, coefs):
+        if s.dtype not in (torch.float32, torch.float64) or d.dtype != s.dtype:
+            raise ValueError(f"head partition: float32/float64, got {s.dtype} -> {d.dtype}")
+        Bd, Td, hd, Dd = d.shape
+        if hd != h or s.shape[:2] != (Bd, Td) or (B is not None and (Bd, Td) != (B, T)):
+            raise ValueError(f"head partition: gather {tuple(s.shape)} -> {tuple(d.shape)} for {h} heads "
+                             "(all gathers over the same rows)")
+        B, T = Bd, Td
+        ss, ds = _rows(s, 3), _rows(d, 4)
+        entries.append((h * Dd, int(h), list(w), list(c), s.data_ptr(), ss[0], ss[1],
+                        d.data_ptr(), ds[0], ds[1], ds[2], False))
+    if not entries:
+        return
+    dtype = srcs[0].dtype
+    if any(s.dtype != dtype for s in srcs):
+        raise ValueError("head partition: all gathers of one dtype")
+    _C.head_gather_multi_cpu(DTYPE_CODES[dtype], B, T, entries)
+
+
 def mixed_layernorm_forward(x2d, widths, mix, eps, weight, bmix):
     """``x2d [N, E]`` (contiguous columns) -> ``(y [N, E], mu [N, K], rstd [N, K])`` of
     csrc/cpu/layernorm_mix_cpu.cpp (``weight``, ``bmix``: ``[E]`` or None)."""

@@ -110,7 +110,7 @@ class _PartitionAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, a, b, plan, causal, dropout_p):
-        from ..backends.cpu import attention_forward, head_partition
+        from ..backends.cpu import attention_forward, head_gather_multi, head_partition
 
         B, T, _ = qkv.shape
         E = plan.E
@@ -118,11 +118,12 @@ class _PartitionAttention(torch.autograd.Function):
         av, bv = a.detach().double().tolist(), b.detach().double().tolist()
         y = qkv.new_empty(B, T, E)
         outs, lses, seeds = [], [], []
+        parts = [X[:, :, p] for p in range(3)]
         for j, h in enumerate(plan.heads):
             w = _widths(plan, j)
             G = qkv.new_empty(B, T, 3, h, E // h)
-            for p, c in enumerate(_coefs(plan, j, av)):
-                head_partition(False, X[:, :, p], G[:, :, p], h, w, c, accumulate=False)
+            head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
+                              _coefs(plan, j, av))  # q | k | v of each row in one pass
             q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
             if dropout_p > 0.0:  # the fused kernel (its mask from a seed per call)
                 seeds.append(draw_seed())
@@ -141,7 +142,8 @@ class _PartitionAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ..backends.cpu import attention_backward, head_partition, head_scatter_multi
+        from ..backends.cpu import (attention_backward, head_gather_multi, head_partition,
+                                    head_scatter_multi)
 
         plan, causal = ctx.plan, ctx.causal
         dropout_p, seeds = ctx.dropout
@@ -161,13 +163,13 @@ class _PartitionAttention(torch.autograd.Function):
             dy = dy.contiguous()
         dX = qkv.new_empty(B, T, 3, E)
         dGs = []
+        parts = [X[:, :, p] for p in range(3)]
         for j, h in enumerate(plan.heads):
             w = _widths(plan, j)
             D = E // h
-            coefs = _coefs(plan, j, av)
             G = qkv.new_empty(B, T, 3, h, D)
-            for p in range(3):
-                head_partition(False, X[:, :, p], G[:, :, p], h, w, coefs[p], accumulate=False)
+            head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
+                              _coefs(plan, j, av))
             q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
             o, lse = outs[j], lses[j]
             dO = qkv.new_empty(B, T, h, D)
@@ -218,18 +220,21 @@ class _PartitionGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, a, plan):
-        from ..backends.cpu import head_partition
+        from ..backends.cpu import head_gather_multi
 
         B, T, _ = qkv.shape
         E = plan.E
         X = qkv.view(B, T, 3, E)
         av = a.detach().double().tolist()
-        outs = []
+        outs, srcs, heads, widths, coefs = [], [], [], [], []
         for j, h in enumerate(plan.heads):
             for p, c in enumerate(_coefs(plan, j, av)):  # separate outputs: no select nodes
-                G = qkv.new_empty(B, T, h, E // h)
-                head_partition(False, X[:, :, p], G, h, _widths(plan, j), c, accumulate=False)
-                outs.append(G)
+                outs.append(qkv.new_empty(B, T, h, E // h))
+                srcs.append(X[:, :, p])
+                heads.append(h)
+                widths.append(_widths(plan, j))
+                coefs.append(c)
+        head_gather_multi(srcs, outs, heads, widths, coefs)  # every qkv row read once
         ctx.plan = plan
         ctx.save_for_backward(qkv, a)
         return tuple(outs)
