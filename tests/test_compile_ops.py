@@ -199,3 +199,51 @@ def test_every_module_first_call(case):
             return mod(x, a).square().sum()
 
         _check(f, (x, *vecs))
+
+
+def test_partition_attention_compiles_to_the_cpu_node():
+    """The nanoGPT head-partition attention under torch.compile on CPU: with attention
+    dropout the ``tangle::partition_attention_*`` custom ops (the eager node's kernels,
+    opcheck-clean; the seeds drawn in the graph: a new mask each call; gradients flow),
+    without dropout the reference composition (== the eager node); one whole graph."""
+    from tangle_kernels.ops import head_partition as hp
+
+    plan = hp.PartitionPlan(24, [12, 24], [2, 4, 3])
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 9, 72, generator=g, requires_grad=True)
+    a = torch.rand(2, generator=g).add_(0.2).requires_grad_()
+    b = torch.rand(3, generator=g).add_(0.2).requires_grad_()
+    calls = []
+    real = hp._node_forward
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    hp._node_forward = counting
+    try:
+        f, cnt = _compiled(lambda q, a, b: hp.partition_attention(q, a, b, plan))
+        y = f(qkv, a, b)
+        assert cnt.frame_count == 1 and not calls  # no dropout: the reference composition
+        fd, cnt = _compiled(lambda q, a, b: hp.partition_attention(q, a, b, plan, dropout_p=0.3))
+        y1, y2 = fd(qkv, a, b), fd(qkv, a, b)
+        assert cnt.frame_count == 1 and len(calls) == 2  # the custom op ran the node
+    finally:
+        hp._node_forward = real
+    ref = hp.partition_attention(qkv, a, b, plan)
+    G = torch.randn_like(y)
+    torch.testing.assert_close(y, ref, **TOL)
+    for x, e in zip(_grads((y * G).sum(), (qkv, a, b)), _grads((ref * G).sum(), (qkv, a, b))):
+        torch.testing.assert_close(x, e, **TOL)
+    assert (y1 - y2).abs().max() > 1e-3 and (y1 - ref).abs().max() > 1e-3
+    assert all(t is not None and t.isfinite().all() for t in _grads(y1.sum(), (qkv, a, b)))
+    # the op itself: the eager node's values, bitwise, under the same seeds
+    seeds = torch.tensor([1, 2, 3])
+    torch.manual_seed(5)
+    direct = hp._pa_fwd_op(qkv, a, b, seeds, 24, [12, 24], [2, 4, 3], True, 0.3)[0]
+    node = hp._node_forward(qkv.detach(), a.detach(), b.detach(), plan, True, 0.3, [1, 2, 3])[0]
+    assert torch.equal(direct, node)
+    for p in (0.0, 0.25):
+        torch.library.opcheck(hp._pa_fwd_op, (qkv.detach().requires_grad_(), a.detach().requires_grad_(),
+                                              b.detach().requires_grad_(), seeds, 24, [12, 24],
+                                              [2, 4, 3], True, p))

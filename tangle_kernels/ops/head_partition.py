@@ -100,117 +100,210 @@ def _coefs(plan: PartitionPlan, j: int, av: list[float]) -> list[list[float]]:
     return [[ai * (wi ** -0.5 if p == 0 else 1.0) for ai, wi in zip(av, w)] for p in range(3)]
 
 
+def _node_forward(qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float, seeds):
+    """The CPU node's forward: per head count the gather of q | k | v (C++ kernel, one
+    pass), one attention call (torch's flash kernel without dropout; the fused kernel
+    with dropout, its mask from ``seeds[j]``), the scatter of its output into ``y``.
+    Returns ``(y, outs, lses)``: each call's output ``[B, T, h, D]`` (contiguous) and
+    log-sum-exp ``[B, h, T]``."""
+    from ..backends.cpu import attention_forward, head_gather_multi, head_partition
+
+    B, T, _ = qkv.shape
+    E = plan.E
+    X = qkv.view(B, T, 3, E)
+    av, bv = a.detach().double().tolist(), b.detach().double().tolist()
+    y = qkv.new_empty(B, T, E)
+    outs, lses = [], []
+    parts = [X[:, :, p] for p in range(3)]
+    for j, h in enumerate(plan.heads):
+        w = _widths(plan, j)
+        G = qkv.new_empty(B, T, 3, h, E // h)
+        head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
+                          _coefs(plan, j, av))  # q | k | v of each row in one pass
+        q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
+        if dropout_p > 0.0:  # the fused kernel (its mask from a seed per call)
+            o = qkv.new_empty(B, T, h, E // h)
+            _, lse = attention_forward(q, k, v, causal=causal, scale=1.0, dropout_p=dropout_p,
+                                       seed=seeds[j], out=o.transpose(1, 2))
+        else:
+            o, lse = _FLASH(q, k, v, 0.0, causal, scale=1.0)
+            o = o.transpose(1, 2)
+            if not o.is_contiguous():
+                o = o.contiguous()
+            lse = lse.contiguous()
+        head_partition(True, o, y, h, w, [bv[j] * ai for ai in av], accumulate=j > 0)
+        outs.append(o)
+        lses.append(lse)
+    return y, outs, lses
+
+
+def _node_backward(dy, qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float, seeds,
+                   outs, lses, need_a: bool, need_b: bool):
+    """The CPU node's backward: ``(dqkv, d a as floats or None, d b or None)``; recomputes
+    the gathers (and the dropout masks from the seeds)."""
+    from ..backends.cpu import (attention_backward, head_gather_multi, head_partition,
+                                head_scatter_multi)
+
+    nh = len(plan.heads)
+    B, T, _ = qkv.shape
+    E = plan.E
+    X = qkv.view(B, T, 3, E)
+    av, bv = a.detach().double().tolist(), b.detach().double().tolist()
+    m = len(av)
+    need = need_a or need_b
+    da = [0.0] * m
+    db = [0.0] * nh
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dX = qkv.new_empty(B, T, 3, E)
+    dGs = []
+    parts = [X[:, :, p] for p in range(3)]
+    for j, h in enumerate(plan.heads):
+        w = _widths(plan, j)
+        D = E // h
+        G = qkv.new_empty(B, T, 3, h, D)
+        head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
+                          _coefs(plan, j, av))
+        q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
+        o, lse = outs[j], lses[j]  # o: [B, T, h, D]
+        dO = qkv.new_empty(B, T, h, D)
+        dc = head_partition(False, dy, dO, h, w, [bv[j] * ai for ai in av],
+                            accumulate=False, other=o if need else None)
+        if need:  # y = sum_j b_j sum_i a_i G_ij^T(O_j)
+            dc = dc.tolist()
+            for i in range(m):
+                db[j] += dc[i] * av[i]
+                da[i] += dc[i] * bv[j]
+        if dropout_p > 0.0:
+            dG = qkv.new_empty(B, T, 3, h, D)
+            grads = attention_backward(dO.transpose(1, 2), q, k, v, o.transpose(1, 2), lse,
+                                       causal=causal, scale=1.0, dropout_p=dropout_p,
+                                       seed=seeds[j], dq=dG[:, :, 0].transpose(1, 2),
+                                       dk=dG[:, :, 1].transpose(1, 2),
+                                       dv=dG[:, :, 2].transpose(1, 2))
+        else:
+            grads = _FLASH_BWD(dO.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, 0.0, causal,
+                               scale=1.0)
+        del G, q, k, v, dO
+        dGs.append([gp.transpose(1, 2) for gp in grads])  # [B, T, h, D] views
+        del grads
+    for p in range(3):  # Q_j = sum_i a_i s_pij G_ij(q), ...: one pass over dqkv's part p
+        dots = head_scatter_multi([dGs[j][p] for j in range(nh)], dX[:, :, p], list(plan.heads),
+                                  [_widths(plan, j) for j in range(nh)],
+                                  [_coefs(plan, j, av)[p] for j in range(nh)], accumulate=False,
+                                  other=X[:, :, p] if need_a else None)
+        if need_a:
+            for j, dC in enumerate(dots):
+                w = _widths(plan, j)
+                for i, v in enumerate(dC.tolist()):
+                    da[i] += v * (w[i] ** -0.5 if p == 0 else 1.0)
+    del dGs
+    return dX.view(B, T, 3 * E), (da if need_a else None), (db if need_b else None)
+
+
 class _PartitionAttention(torch.autograd.Function):
-    """One node on CPU: per head count, the gather of q | k | v (C++ kernel), one flash
-    attention call (torch's without dropout; with dropout the fused kernel of
-    :mod:`tangle_kernels.ops.attention`, its mask from one seed per call drawn from
-    torch's generator), the scatter of its output into ``y`` (C++ kernel). Saves
-    ``qkv`` and each call's output and log-sum-exp; the backward recomputes the gathers
-    (and the dropout masks from the seeds)."""
+    """One node on CPU (eager): :func:`_node_forward` / :func:`_node_backward`. Saves
+    ``qkv`` and each call's output and log-sum-exp, and the dropout seeds (one per head
+    count, drawn from torch's generator)."""
 
     @staticmethod
     def forward(ctx, qkv, a, b, plan, causal, dropout_p):
-        from ..backends.cpu import attention_forward, head_gather_multi, head_partition
-
-        B, T, _ = qkv.shape
-        E = plan.E
-        X = qkv.view(B, T, 3, E)
-        av, bv = a.detach().double().tolist(), b.detach().double().tolist()
-        y = qkv.new_empty(B, T, E)
-        outs, lses, seeds = [], [], []
-        parts = [X[:, :, p] for p in range(3)]
-        for j, h in enumerate(plan.heads):
-            w = _widths(plan, j)
-            G = qkv.new_empty(B, T, 3, h, E // h)
-            head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
-                              _coefs(plan, j, av))  # q | k | v of each row in one pass
-            q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
-            if dropout_p > 0.0:  # the fused kernel (its mask from a seed per call)
-                seeds.append(draw_seed())
-                o = qkv.new_empty(B, T, h, E // h).transpose(1, 2)
-                o, lse = attention_forward(q, k, v, causal=causal, scale=1.0, dropout_p=dropout_p,
-                                           seed=seeds[-1], out=o)
-            else:
-                o, lse = _FLASH(q, k, v, 0.0, causal, scale=1.0)
-            head_partition(True, o.transpose(1, 2), y, h, w, [bv[j] * ai for ai in av],
-                           accumulate=j > 0)
-            outs.append(o)
-            lses.append(lse)
+        seeds = [draw_seed() for _ in plan.heads] if dropout_p > 0.0 else []
+        y, outs, lses = _node_forward(qkv, a, b, plan, causal, dropout_p, seeds)
         ctx.plan, ctx.causal, ctx.dropout = plan, causal, (dropout_p, seeds)
         ctx.save_for_backward(qkv, a, b, *outs, *lses)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from ..backends.cpu import (attention_backward, head_gather_multi, head_partition,
-                                    head_scatter_multi)
-
-        plan, causal = ctx.plan, ctx.causal
         dropout_p, seeds = ctx.dropout
         qkv, a, b, *rest = ctx.saved_tensors
-        nh = len(plan.heads)
-        outs, lses = rest[:nh], rest[nh:]
-        B, T, _ = qkv.shape
-        E = plan.E
-        X = qkv.view(B, T, 3, E)
-        av, bv = a.detach().double().tolist(), b.detach().double().tolist()
-        m = len(av)
-        need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need = need_a or need_b
-        da = [0.0] * m
-        db = [0.0] * nh
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dX = qkv.new_empty(B, T, 3, E)
-        dGs = []
-        parts = [X[:, :, p] for p in range(3)]
-        for j, h in enumerate(plan.heads):
-            w = _widths(plan, j)
-            D = E // h
-            G = qkv.new_empty(B, T, 3, h, D)
-            head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
-                              _coefs(plan, j, av))
-            q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
-            o, lse = outs[j], lses[j]
-            dO = qkv.new_empty(B, T, h, D)
-            dc = head_partition(False, dy, dO, h, w, [bv[j] * ai for ai in av],
-                                accumulate=False, other=o.transpose(1, 2) if need else None)
-            if need:  # y = sum_j b_j sum_i a_i G_ij^T(O_j)
-                dc = dc.tolist()
-                for i in range(m):
-                    db[j] += dc[i] * av[i]
-                    da[i] += dc[i] * bv[j]
-            if dropout_p > 0.0:
-                dG = qkv.new_empty(B, T, 3, h, D)
-                grads = attention_backward(dO.transpose(1, 2), q, k, v, o, lse, causal=causal,
-                                           scale=1.0, dropout_p=dropout_p, seed=seeds[j],
-                                           dq=dG[:, :, 0].transpose(1, 2),
-                                           dk=dG[:, :, 1].transpose(1, 2),
-                                           dv=dG[:, :, 2].transpose(1, 2))
-            else:
-                grads = _FLASH_BWD(dO.transpose(1, 2), q, k, v, o, lse, 0.0, causal, scale=1.0)
-            del G, q, k, v, dO
-            dGs.append([gp.transpose(1, 2) for gp in grads])  # [B, T, h, D] views
-            del grads
-        for p in range(3):  # Q_j = sum_i a_i s_pij G_ij(q), ...: one pass over dqkv's part p
-            dots = head_scatter_multi([dGs[j][p] for j in range(nh)], dX[:, :, p], list(plan.heads),
-                                      [_widths(plan, j) for j in range(nh)],
-                                      [_coefs(plan, j, av)[p] for j in range(nh)], accumulate=False,
-                                      other=X[:, :, p] if need_a else None)
-            if need_a:
-                for j, dC in enumerate(dots):
-                    w = _widths(plan, j)
-                    for i, v in enumerate(dC.tolist()):
-                        da[i] += v * (w[i] ** -0.5 if p == 0 else 1.0)
-        del dGs
-        return (
-            dX.view(B, T, 3 * E),
-            torch.tensor(da, dtype=a.dtype) if need_a else None,
-            torch.tensor(db, dtype=b.dtype) if need_b else None,
-            None,
-            None,
-            None,
-        )
+        nh = len(ctx.plan.heads)
+        dX, da, db = _node_backward(dy, qkv, a, b, ctx.plan, ctx.causal, dropout_p, seeds,
+                                    rest[:nh], rest[nh:], ctx.needs_input_grad[1],
+                                    ctx.needs_input_grad[2])
+        return (dX, None if da is None else torch.tensor(da, dtype=a.dtype),
+                None if db is None else torch.tensor(db, dtype=b.dtype), None, None, None)
+
+
+# --- the torch.compile route: the same node as custom ops -------------------------------
+
+_PLANS: dict = {}
+
+
+def _plan_of(E: int, embeds, heads) -> PartitionPlan:
+    key = (int(E), tuple(embeds), tuple(heads))
+    if key not in _PLANS:
+        _PLANS[key] = PartitionPlan(*key)
+    return _PLANS[key]
+
+
+@torch.library.custom_op("tangle::partition_attention_fwd", mutates_args=())
+def _pa_fwd_op(qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seeds: torch.Tensor, E: int,
+               embeds: list[int], heads: list[int], causal: bool,
+               dropout_p: float) -> list[torch.Tensor]:
+    """``[y, O_1.., L_1..]`` of :func:`_node_forward` (CPU; ``seeds``: int64 ``[n]``)."""
+    y, outs, lses = _node_forward(qkv.contiguous(), a, b, _plan_of(E, embeds, heads), causal,
+                                  dropout_p, seeds.tolist())
+    return [y, *outs, *lses]
+
+
+@_pa_fwd_op.register_fake
+def _(qkv, a, b, seeds, E, embeds, heads, causal, dropout_p):
+    B, T, _ = qkv.shape
+    return ([qkv.new_empty(B, T, E)] + [qkv.new_empty(B, T, h, E // h) for h in heads]
+            + [qkv.new_empty(B, h, T) for h in heads])
+
+
+@torch.library.custom_op("tangle::partition_attention_bwd", mutates_args=())
+def _pa_bwd_op(dy: torch.Tensor, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               seeds: torch.Tensor, saved: list[torch.Tensor], E: int, embeds: list[int],
+               heads: list[int], causal: bool, dropout_p: float) -> list[torch.Tensor]:
+    """``[dqkv, d a, d b]`` of :func:`_node_backward`."""
+    nh = len(heads)
+    dX, da, db = _node_backward(dy, qkv.contiguous(), a, b, _plan_of(E, embeds, heads), causal,
+                                dropout_p, seeds.tolist(), saved[:nh], saved[nh:], True, True)
+    return [dX, torch.tensor(da, dtype=a.dtype), torch.tensor(db, dtype=b.dtype)]
+
+
+@_pa_bwd_op.register_fake
+def _(dy, qkv, a, b, seeds, saved, E, embeds, heads, causal, dropout_p):
+    return [torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(a),
+            torch.empty_like(b)]
+
+
+def _pa_setup_context(ctx, inputs, output):
+    qkv, a, b, seeds, E, embeds, heads, causal, dropout_p = inputs
+    ctx.cfg = (E, list(embeds), list(heads), causal, dropout_p)
+    ctx.save_for_backward(qkv, a, b, seeds, *output[1:])
+
+
+def _pa_backward(ctx, grads):
+    qkv, a, b, seeds, *saved = ctx.saved_tensors
+    E, embeds, heads, causal, dropout_p = ctx.cfg
+    dX, da, db = _pa_bwd_op(grads[0], qkv, a, b, seeds, list(saved), E, embeds, heads, causal,
+                            dropout_p)
+    return dX, da, db, None, None, None, None, None, None
+
+
+_pa_fwd_op.register_autograd(_pa_backward, setup_context=_pa_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _fused_ok() -> bool:
+    """The fused attention can run (a constant for torch.compile: probed outside the graph)."""
+    return fused_attention_available() is None
+
+
+def _partition_attention_op(qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float):
+    """The compile route on CPU: the custom ops, the seeds drawn in the graph."""
+    nh = len(plan.heads)
+    if dropout_p > 0.0:
+        seeds = torch.randint(0, 2**62, (nh,), dtype=torch.int64, device=qkv.device)
+    else:
+        seeds = torch.zeros(nh, dtype=torch.int64, device=qkv.device)
+    return _pa_fwd_op(qkv, a, b, seeds, plan.E, list(plan.embeds), list(plan.heads), causal,
+                      dropout_p)[0]
 
 
 class _PartitionGather(torch.autograd.Function):
@@ -374,17 +467,26 @@ def partition_attention(qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
             f"a, b: expected shapes ({len(plan.embeds)},) and ({len(plan.heads)},), got "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         )
-    kernels = (
+    cpu_kernels = (
         _kernels_available()
         and qkv.device.type == "cpu"
         and qkv.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
     )
-    if not kernels or (dropout_p == 0.0 and _FLASH is None):
+    attention_ok = _FLASH is not None if dropout_p == 0.0 else _fused_ok()
+    if torch.compiler.is_compiling():
+        # With dropout the compiled reference would run torch's CPU math attention (its
+        # matrices and masks kept): the custom ops of the node instead (Tiny Shakespeare
+        # step: 2.89 -> 2.11 s, peak 1307 -> 466 MiB, compile 188 -> 80 s). Without
+        # dropout inductor fuses the reference around torch's flash kernel, which was
+        # faster than the ops at the default space's size (31.3 vs 33.5 ms a step).
+        if cpu_kernels and attention_ok and dropout_p > 0.0:
+            return _partition_attention_op(qkv, a, b, plan, bool(causal), float(dropout_p))
+        return partition_attention_reference(qkv, a, b, plan, causal=causal, dropout_p=dropout_p)
+    if not cpu_kernels or (dropout_p == 0.0 and _FLASH is None):
         return partition_attention_reference(qkv, a, b, plan, causal=causal, dropout_p=dropout_p)
     if not qkv.is_contiguous():
         qkv = qkv.contiguous()
-    if dropout_p > 0.0 and fused_attention_available() is not None:
+    if dropout_p > 0.0 and not _fused_ok():
         return _partition_attention_dropout(qkv, a, b, plan, bool(causal), float(dropout_p))
     return _PartitionAttention.apply(qkv, a, b, plan, bool(causal), float(dropout_p))
