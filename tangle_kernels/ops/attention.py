@@ -97,7 +97,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """``q [B, H, Tq, D]``, ``k, v [B, H, Tk, D]`` (CPU, float32/float64, any strides with
     a contiguous last dim) -> ``[B, H, Tq, D]``; ``seed`` (default: drawn from torch's
     generator) fixes the dropout mask. Raises when the kernel is unavailable (see
-    :func:`fused_attention_available`)."""
+    :func:`fused_attention_available`). Eager mode only: :func:`attention` routes to it
+    where it pays and to torch's ``scaled_dot_product_attention`` elsewhere (CUDA, half
+    precision, autocast, under ``torch.compile``)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
