@@ -209,6 +209,12 @@ void take(py::tuple t, const void** p, int64_t* s) {
   TK_CHECK(*p != nullptr, "attention: null tensor");
 }
 
+void* take_out(py::tuple t, int64_t* s) {  // an output tensor's (address, strides)
+  const void* p;
+  take(t, &p, s);
+  return const_cast<void*>(p);
+}
+
 tangle::AttentionArgs attention_args(int dtype, int64_t B, int64_t H, int64_t Tq, int64_t Tk,
                                      int64_t D, bool causal, double scale, double p,
                                      uint64_t seed, py::tuple q, py::tuple k, py::tuple v,
@@ -226,9 +232,7 @@ tangle::AttentionArgs attention_args(int dtype, int64_t B, int64_t H, int64_t Tq
   take(q, &a.q, a.q_s);
   take(k, &a.k, a.k_s);
   take(v, &a.v, a.v_s);
-  const void* op;
-  take(o, &op, a.o_s);
-  a.o = const_cast<void*>(op);
+  a.o = take_out(o, a.o_s);
   a.lse = reinterpret_cast<void*>(lse);
   for (auto* s : {a.q_s, a.k_s, a.v_s, a.o_s})
     TK_CHECK(s[2] >= D, "attention: row stride below D");
@@ -248,11 +252,10 @@ void attention_backward(int dtype, int64_t B, int64_t H, int64_t Tq, int64_t Tk,
                         py::tuple k, py::tuple v, py::tuple o, uintptr_t lse, py::tuple g,
                         py::tuple dq, py::tuple dk, py::tuple dv) {
   auto a = attention_args(dtype, B, H, Tq, Tk, D, causal, scale, p, seed, q, k, v, o, lse);
-  const void* ptr;
   take(g, &a.g, a.g_s);
-  take(dq, &ptr, a.dq_s); a.dq = const_cast<void*>(ptr);
-  take(dk, &ptr, a.dk_s); a.dk = const_cast<void*>(ptr);
-  take(dv, &ptr, a.dv_s); a.dv = const_cast<void*>(ptr);
+  a.dq = take_out(dq, a.dq_s);
+  a.dk = take_out(dk, a.dk_s);
+  a.dv = take_out(dv, a.dv_s);
   for (auto* s : {a.g_s, a.dq_s, a.dk_s, a.dv_s})
     TK_CHECK(s[2] >= D, "attention: row stride below D");
   py::gil_scoped_release nogil;

@@ -128,16 +128,26 @@ inline float exp_neg(float x) {
 }
 inline double exp_neg(double x) { return std::exp(x); }
 
-struct Mat {
-  const void* p;
-  int64_t sB, sH, sT;
-};
-
 template <typename S>
 struct View {
   S* p;
   int64_t sB, sH, sT;
   S* at(int64_t b, int64_t h) const { return p + b * sB + h * sH; }
+};
+
+template <typename S, typename P>
+View<S> view(P* p, const int64_t* s) {
+  return View<S>{static_cast<S*>(p), s[0], s[1], s[2]};
+}
+
+// The dropout of a call: keep threshold on the hash and the scale 1 / (1 - p).
+template <typename S>
+struct Dropout {
+  bool on;
+  uint32_t thr;
+  S rs;
+  explicit Dropout(double p)
+      : on(p > 0.0), thr(p > 0.0 ? keep_threshold(p) : 0u), rs(p > 0.0 ? S(1.0 / (1.0 - p)) : S(1)) {}
 };
 
 int64_t query_block(int64_t Tk) {
@@ -149,16 +159,15 @@ int64_t query_block(int64_t Tk) {
 
 template <typename S>
 void forward_impl(const AttentionArgs& a) {
-  const View<const S> Q{static_cast<const S*>(a.q), a.q_s[0], a.q_s[1], a.q_s[2]};
-  const View<const S> K{static_cast<const S*>(a.k), a.k_s[0], a.k_s[1], a.k_s[2]};
-  const View<const S> V{static_cast<const S*>(a.v), a.v_s[0], a.v_s[1], a.v_s[2]};
-  const View<S> O{static_cast<S*>(a.o), a.o_s[0], a.o_s[1], a.o_s[2]};
+  const auto Q = view<const S>(a.q, a.q_s), K = view<const S>(a.k, a.k_s), V = view<const S>(a.v, a.v_s);
+  const auto O = view<S>(a.o, a.o_s);
   S* lse = static_cast<S*>(a.lse);
   const int64_t BH = a.B * a.H, Tq = a.Tq, Tk = a.Tk, D = a.D;
   const int64_t bq = query_block(Tk);
-  const bool drop = a.dropout_p > 0.0;
-  const uint32_t thr = drop ? keep_threshold(a.dropout_p) : 0u;
-  const S rs = drop ? S(1.0 / (1.0 - a.dropout_p)) : S(1);
+  const Dropout<S> dr(a.dropout_p);
+  const bool drop = dr.on;
+  const uint32_t thr = dr.thr;
+  const S rs = dr.rs;
   const S scale = S(a.scale);
 #pragma omp parallel if (BH > 1)
   {
@@ -210,20 +219,16 @@ void forward_impl(const AttentionArgs& a) {
 
 template <typename S>
 void backward_impl(const AttentionArgs& a) {
-  const View<const S> Q{static_cast<const S*>(a.q), a.q_s[0], a.q_s[1], a.q_s[2]};
-  const View<const S> K{static_cast<const S*>(a.k), a.k_s[0], a.k_s[1], a.k_s[2]};
-  const View<const S> V{static_cast<const S*>(a.v), a.v_s[0], a.v_s[1], a.v_s[2]};
-  const View<const S> O{static_cast<const S*>(a.o), a.o_s[0], a.o_s[1], a.o_s[2]};
-  const View<const S> G{static_cast<const S*>(a.g), a.g_s[0], a.g_s[1], a.g_s[2]};
-  const View<S> dQ{static_cast<S*>(a.dq), a.dq_s[0], a.dq_s[1], a.dq_s[2]};
-  const View<S> dK{static_cast<S*>(a.dk), a.dk_s[0], a.dk_s[1], a.dk_s[2]};
-  const View<S> dV{static_cast<S*>(a.dv), a.dv_s[0], a.dv_s[1], a.dv_s[2]};
+  const auto Q = view<const S>(a.q, a.q_s), K = view<const S>(a.k, a.k_s), V = view<const S>(a.v, a.v_s);
+  const auto O = view<const S>(a.o, a.o_s), G = view<const S>(a.g, a.g_s);
+  const auto dQ = view<S>(a.dq, a.dq_s), dK = view<S>(a.dk, a.dk_s), dV = view<S>(a.dv, a.dv_s);
   const S* lse = static_cast<const S*>(a.lse);
   const int64_t BH = a.B * a.H, Tq = a.Tq, Tk = a.Tk, D = a.D;
   const int64_t bq = query_block(Tk);
-  const bool drop = a.dropout_p > 0.0;
-  const uint32_t thr = drop ? keep_threshold(a.dropout_p) : 0u;
-  const S rs = drop ? S(1.0 / (1.0 - a.dropout_p)) : S(1);
+  const Dropout<S> dr(a.dropout_p);
+  const bool drop = dr.on;
+  const uint32_t thr = dr.thr;
+  const S rs = dr.rs;
   const S scale = S(a.scale);
 #pragma omp parallel if (BH > 1)
   {

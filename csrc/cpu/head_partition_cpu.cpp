@@ -39,6 +39,21 @@ std::vector<int> width_order(const HeadPartitionArgs& a) {
   return ord;
 }
 
+// The dots of several kernels from their per-chunk partials part[ch * M + off[j] + i],
+// added in chunk order (bitwise the same for any thread count); kernels without dots
+// (dots == null) are skipped.
+inline void reduce_chunk_dots(const std::vector<HeadPartitionArgs>& as, const std::vector<double>& part,
+                              const std::vector<int64_t>& off, int64_t M, int64_t nch) {
+  for (size_t j = 0; j < as.size(); ++j) {
+    if (!as[j].dots) continue;
+    for (int i = 0; i < as[j].m; ++i) {
+      double acc = 0.0;
+      for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * M + off[j] + i];
+      as[j].dots[i] = acc;
+    }
+  }
+}
+
 // One row of the gather of `a` (dst row slots = sum_i c_i G_i(src row)), its dots with
 // `other` added to part[0..m).
 template <typename S>
@@ -113,14 +128,7 @@ void gather_multi_impl(const std::vector<HeadPartitionArgs>& as) {
       if (++t == a0.T) { t = 0; ++b; }
     }
   }
-  for (int j = 0; j < J; ++j) {
-    if (!as[j].dots) continue;
-    for (int i = 0; i < as[j].m; ++i) {
-      double acc = 0.0;
-      for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * M + off[j] + i];
-      as[j].dots[i] = acc;
-    }
-  }
+  reduce_chunk_dots(as, part, off, M, nch);
 }
 
 template <typename S>
@@ -201,15 +209,7 @@ void scatter_multi_impl(const std::vector<HeadPartitionArgs>& as) {
         scatter_row<S>(as[j], ord[j], row, j > 0 || a0.accumulate,
                        a0.other ? &part[ch * M + off[j]] : nullptr);
   }
-  if (a0.other) {
-    for (int j = 0; j < J; ++j) {
-      for (int i = 0; i < as[j].m; ++i) {
-        double acc = 0.0;
-        for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * M + off[j] + i];
-        as[j].dots[i] = acc;
-      }
-    }
-  }
+  if (a0.other) reduce_chunk_dots(as, part, off, M, nch);
 }
 
 template <typename S>

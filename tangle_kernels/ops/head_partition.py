@@ -158,12 +158,13 @@ def _node_backward(dy, qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: 
     dX = qkv.new_empty(B, T, 3, E)
     dGs = []
     parts = [X[:, :, p] for p in range(3)]
+    widths = [_widths(plan, j) for j in range(nh)]
+    coefs = [_coefs(plan, j, av) for j in range(nh)]  # [j][part][candidate]
     for j, h in enumerate(plan.heads):
-        w = _widths(plan, j)
+        w = widths[j]
         D = E // h
         G = qkv.new_empty(B, T, 3, h, D)
-        head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3,
-                          _coefs(plan, j, av))
+        head_gather_multi(parts, [G[:, :, p] for p in range(3)], [h] * 3, [w] * 3, coefs[j])
         q, k, v = (G[:, :, p].transpose(1, 2) for p in range(3))
         o, lse = outs[j], lses[j]  # o: [B, T, h, D]
         dO = qkv.new_empty(B, T, h, D)
@@ -189,14 +190,12 @@ def _node_backward(dy, qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: 
         del grads
     for p in range(3):  # Q_j = sum_i a_i s_pij G_ij(q), ...: one pass over dqkv's part p
         dots = head_scatter_multi([dGs[j][p] for j in range(nh)], dX[:, :, p], list(plan.heads),
-                                  [_widths(plan, j) for j in range(nh)],
-                                  [_coefs(plan, j, av)[p] for j in range(nh)], accumulate=False,
+                                  widths, [coefs[j][p] for j in range(nh)], accumulate=False,
                                   other=X[:, :, p] if need_a else None)
         if need_a:
             for j, dC in enumerate(dots):
-                w = _widths(plan, j)
                 for i, v in enumerate(dC.tolist()):
-                    da[i] += v * (w[i] ** -0.5 if p == 0 else 1.0)
+                    da[i] += v * (widths[j][i] ** -0.5 if p == 0 else 1.0)
     del dGs
     return dX.view(B, T, 3 * E), (da if need_a else None), (db if need_b else None)
 
