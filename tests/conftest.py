@@ -5,6 +5,11 @@ top, unless the GPU lane (scripts/gpu_lane.sh sets TANGLE_GPU_LANE=1) runs.
 """
 
 import os
+import sys
+
+# Tests live in folders that mirror the package (tests/ops, tests/nn, ...); their shared
+# helpers (tol_util, linear_util, nn_util) live here, at the top of tests/.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if os.environ.get("TANGLE_GPU_LANE", "0") in ("", "0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -29,7 +29,7 @@ from tangle_kernels.spaces.nanogpt import NanoGPTSpace
 # Tiny Shakespeare lives next to the checkout (../shared/data, never copied into the
 # repo). Missing, the test is skipped on a developer machine and fails under CI: the
 # only test that shows a search lowering the validation loss on real text must run.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAKESPEARE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 

@@ -27,7 +27,7 @@ import tangle_kernels as tk
 from tangle_kernels import _ext
 from tangle_kernels.backends.cpu import DTYPE_CODES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 U = ctypes.c_uint64
 I64 = ctypes.c_int64
