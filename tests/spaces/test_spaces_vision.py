@@ -152,12 +152,27 @@ def test_space_sizes_and_keys():
     assert nb.genotype_key(sel) == ("|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+"
                                     "|skip_connect~0|nor_conv_1x1~1|none~2|")
     assert len(make_space("darts").choices) == 28
-    af = make_space("autoformer")
+    af = make_space("autoformer", hparams={"per_layer": False})  # the shared form
     assert af.choices == {"embed": [192, 216, 240], "mlp_ratio": [3.5, 4.0], "heads": [3, 4],
                           "depth": [12, 13, 14]}
     # AutoFormer-Tiny's smallest sub-network: about 5.7 M parameters, 1.25 G MACs
     small = {"embed": 192, "mlp_ratio": 4.0, "heads": 3, "depth": 12}
     assert 5.5e6 < af.arch_params(small) < 6.0e6
+    # the default, as in AutoFormer and the paper: MLP ratio and heads per layer (14 blocks)
+    afl = make_space("autoformer")
+    assert afl.per_layer and afl.choices["embed"] == [192, 216, 240]
+    assert afl.choices["depth"] == [12, 13, 14]
+    assert sorted(afl.choices) == sorted(["embed", "depth"] + [f"mlp_ratio_{i}" for i in range(14)]
+                                         + [f"heads_{i}" for i in range(14)])
+    assert all(afl.choices[f"heads_{i}"] == [3, 4] for i in range(14))
+    small_l = {"embed": 192, "depth": 12, **{f"mlp_ratio_{i}": 4.0 for i in range(14)},
+               **{f"heads_{i}": 3 for i in range(14)}}
+    assert afl.arch_params(small_l) == af.arch_params(small)
+    assert afl.arch_macs(small_l) == af.arch_macs(small)
+    # a wider layer 12 does not count at depth 12 (layers 0..11 run), at depth 13 it does
+    wide12 = {**small_l, "heads_12": 4, "mlp_ratio_12": 3.5}
+    assert afl.arch_params(wide12) == afl.arch_params(small_l)
+    assert afl.arch_params({**wide12, "depth": 13}) > afl.arch_params({**small_l, "depth": 13})
     mb = make_space("mobilenetv3")
     assert len(mb.choices) == 5 * 4 * 2 + 5 and mb.choices["s1_b1_k"] == [3, 5, 7]
     largest = {n: max(v) for n, v in mb.choices.items()}
