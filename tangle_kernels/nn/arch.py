@@ -13,11 +13,41 @@ the sliced fast path without a device synchronisation.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["HardArch", "candidate_mix", "hard_index", "one_hot_arch", "hard_as_soft"]
+__all__ = [
+    "HardArch",
+    "candidate_mix",
+    "check_arch",
+    "hard_index",
+    "one_hot_arch",
+    "hard_as_soft",
+]
+
+
+def check_arch(arch, where: str = "arch") -> None:
+    """A TypeError / ValueError naming the choice unless ``arch`` is None or a mapping
+    ``name (str) -> 1-D floating tensor`` (a :class:`HardArch`'s indices are checked
+    when it is built)."""
+    if arch is None:
+        return
+    if not isinstance(arch, Mapping):
+        raise TypeError(f"{where}: expected a mapping name -> tensor or None, got "
+                        f"{type(arch).__name__}")
+    for n, v in arch.items():
+        if not isinstance(n, str):
+            raise TypeError(f"{where}: choice names are strings, got {n!r}")
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{where}[{n!r}]: expected a 1-D tensor of weights over the "
+                            f"choice's values, got {type(v).__name__} (torch.tensor(...) it)")
+        if v.dim() != 1 or v.numel() == 0:
+            raise ValueError(f"{where}[{n!r}]: expected a non-empty 1-D tensor, got shape "
+                             f"{tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"{where}[{n!r}]: expected floating-point weights, got {v.dtype}")
 
 
 class HardArch(dict):
@@ -33,7 +63,22 @@ class HardArch(dict):
         missing = set(weights) - set(index)
         if missing:
             raise ValueError(f"HardArch: no index for choices {sorted(missing)}")
-        self.index = dict(index)
+        check_arch(weights, "HardArch")
+        for n, v in weights.items():
+            i = index[n]
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                if isinstance(i, torch.Tensor) and i.numel() == 1 and not i.is_floating_point():
+                    i = int(i)
+                else:
+                    raise TypeError(f"HardArch: index of choice {n!r} must be an int, got "
+                                    f"{type(i).__name__} {i!r}")
+            k = v.shape[0]
+            if not 0 <= i < k:
+                raise ValueError(f"HardArch: index {i} of choice {n!r} is outside 0..{k - 1} "
+                                 f"(the choice has {k} values)")
+        self.index = {n: int(index[n]) for n in weights} | {
+            n: i for n, i in index.items() if n not in weights
+        }
 
 
 def one_hot_arch(
@@ -78,12 +123,14 @@ def hard_index(arch: Mapping[str, torch.Tensor], names: Sequence[str]) -> int | 
     return idx
 
 
-def hard_as_soft(arch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+def hard_as_soft(arch: Mapping[str, torch.Tensor], model=None) -> Mapping[str, torch.Tensor]:
     """A :class:`HardArch` as a plain (soft) arch that computes the same thing on the
     soft path: each vector times its one-hot mask, so its values are the one-hot
     values and only the chosen entry carries a gradient (exactly the gradient the
-    sliced path gives it: the soft path's gradient of the chosen candidate). Any other
-    arch is returned unchanged.
+    sliced path gives it: the soft path's gradient of the chosen candidate). With
+    ``model``, the entries its modules' sliced paths also pass a gradient to
+    (``straight_through_entries``: a DepthMixer's shallower depths) keep theirs too.
+    Any other arch is returned unchanged.
 
     The soft path runs at the max size whatever the selection, so under
     ``torch.compile`` every selection shares one graph (the sliced path specialises
@@ -92,9 +139,18 @@ def hard_as_soft(arch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]
     training updates the running statistics of every channel (as with a soft arch)."""
     if not isinstance(arch, HardArch):
         return arch
+    keep: dict[str, set[int]] = {}
+    if model is not None:  # modules whose sliced path passes more entries' gradients
+        for m in model.modules():
+            f = getattr(m, "straight_through_entries", None)
+            if f is not None:
+                for n, idx in f(arch).items():
+                    keep.setdefault(n, set()).update(idx)
     out = {}
     for n, v in arch.items():
         mask = torch.zeros_like(v, requires_grad=False)
         mask[arch.index[n]] = 1.0
+        for i in keep.get(n, ()):
+            mask[i] = 1.0  # value 0 on the one-hot: the same values, that entry's gradient
         out[n] = v * mask
     return out

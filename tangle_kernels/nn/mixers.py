@@ -36,8 +36,10 @@ class DepthMixer(EntangledModule):
 
     Soft arch: runs the first ``max(values)`` blocks once and mixes the outputs after
     each candidate depth.
-    HardArch: runs only the first ``d`` blocks and scales the output by the chosen
-    arch entry (value 1; the GDAS straight-through gradient). No arch: all blocks up to
+    HardArch: runs only the first ``d`` blocks. With a straight-through gradient (GDAS)
+    the output is ``sum_i w_i h_{d_i}`` over the depths ``d_i <= d`` (in value ``h_d``:
+    the one-hot ``w``), so every depth the pass computes gets its gradient, not only the
+    chosen one (whose gradient a final LayerNorm erases). No arch: all blocks up to
     the max depth. ``extract`` returns a :class:`~tangle_kernels.nn.plain.Depth` of the
     first ``d`` blocks, each extracted with the same selection.
     """
@@ -80,10 +82,25 @@ class DepthMixer(EntangledModule):
         vals = self.choices[self.depth]
         if isinstance(arch, HardArch):
             d = self._selection(arch, self.names)[self.depth]
-            for blk in self.blocks[:d]:
-                x = _call(blk, x, given)
-            s = self._scale(arch, self.names, x.dtype)
-            return x if s is None else x * s
+            w = arch[self.depth]
+            if not w.requires_grad:  # SPOS, a derived architecture: the plain sub-network
+                for blk in self.blocks[:d]:
+                    x = _call(blk, x, given)
+                return x
+            # Straight-through (GDAS): y = sum_i w_i h_{d_i} over the depths d_i <= d, the
+            # hidden states this pass computes anyway. In value y == h_d (the one-hot w has
+            # exact zeros and one exact 1); the shallower depths still get their gradient
+            # <dL/dy, h_{d_i}>, which a final LayerNorm does not erase (it erases the chosen
+            # depth's: LayerNorm is invariant to the scale of h_d).
+            y, h = None, x
+            for j in range(d + 1):
+                if j > 0:
+                    h = _call(self.blocks[j - 1], h, given)
+                for i, v in enumerate(vals):
+                    if v == j:
+                        t = h * w[i].to(h.dtype)
+                        y = t if y is None else y + t
+            return y
         self._vectors(arch, self.names)
         w = arch[self.depth]
         y = None
@@ -96,6 +113,15 @@ class DepthMixer(EntangledModule):
                     t = h * w[i].to(h.dtype)
                     y = t if y is None else y + t
         return y
+
+    def straight_through_entries(self, arch: HardArch) -> dict[str, list[int]]:
+        """The entries of the depth vector that get a gradient on the sliced path under
+        ``arch`` (a HardArch with a straight-through gradient): every depth up to the
+        chosen one (see :meth:`forward`). :func:`~tangle_kernels.nn.arch.hard_as_soft`
+        keeps them, so the soft path at one-hot values gives the same gradients."""
+        vals = self.choices[self.depth]
+        d = vals[int(arch.index[self.depth])]
+        return {self.depth: [i for i, v in enumerate(vals) if v <= d]}
 
     def extract(self, selection: Mapping[str, Any]) -> plain.Depth:
         """``Depth`` (an ``nn.Sequential``) of the first ``d`` blocks, each extracted."""

@@ -31,8 +31,8 @@ evaluation graph of the extracted model; retraining from scratch adds 1 training
 more each). The architecture step traces the weights without ``requires_grad`` (its
 backward computes the alpha gradients only, as eager ``backward(inputs=alphas)``).
 
-Checked on CPU (inductor, and the ``eager`` / ``aot_eager`` backends in the tests);
-the CUDA-graph mode has not run on a GPU yet.
+Tested on CPU with the inductor, ``eager`` and ``aot_eager`` backends
+(tests/search/test_compile_search.py); GPU runs: benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _soft_arch(model: nn.Module):
     if not isinstance(arch, HardArch):
         yield
         return
-    set_arch(model, hard_as_soft(arch))
+    set_arch(model, hard_as_soft(arch, model))
     try:
         yield
     finally:

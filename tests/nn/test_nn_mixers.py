@@ -98,3 +98,63 @@ def test_op_mixer():
         m(x)
     with pytest.raises(ValueError, match=r"choices\['op'\]: 2 values for 3 ops"):
         tnn.OpMixer(list(ops.values()), "op", {"op": (1, 2)})
+
+
+@pytest.mark.parametrize("chosen", [0, 1, 2])
+def test_depth_straight_through_reaches_every_computed_depth(chosen):
+    """GDAS's straight-through sample on the sliced path: under a final LayerNorm (scale
+    invariant, so the chosen depth's own gradient is ~0) every depth up to the chosen one
+    gets the soft path's gradient, deeper ones none; the value is the chosen depth's."""
+    from tangle_kernels.nn.arch import HardArch, hard_as_soft
+
+    torch.manual_seed(chosen)
+    ch = {"depth": (1, 2, 3)}
+    blocks = [torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(3)]
+    m = torch.nn.Sequential()
+    mixer = tnn.DepthMixer(blocks, "depth", ch).double()
+    ln = torch.nn.LayerNorm(6).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    target = torch.randn(4, 6, dtype=torch.float64)
+    alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def sample():
+        soft = torch.softmax(alpha, 0)
+        hard = torch.nn.functional.one_hot(torch.tensor(chosen), 3).double()
+        return HardArch({"depth": hard + (soft - soft.detach())}, {"depth": chosen})
+
+    def loss(arch):
+        return ((ln(mixer(x, arch)) - target) ** 2).sum()
+
+    arch = sample()
+    w = arch["depth"]
+    w.retain_grad()
+    loss(arch).backward()
+    g_sliced = w.grad.clone()
+    # the value: exactly the sub-network of the chosen depth
+    h = x
+    for b in blocks[: ch["depth"][chosen]]:
+        h = b(h)
+    torch.testing.assert_close(mixer(x, arch), h, rtol=0, atol=0)
+    # the gradient: the soft path's (every depth run) for the depths <= chosen, 0 beyond
+    soft_w = w.detach().clone().requires_grad_()
+    loss({"depth": soft_w}).backward()
+    torch.testing.assert_close(g_sliced[: chosen + 1], soft_w.grad[: chosen + 1], rtol=1e-10, atol=1e-12)
+    assert (g_sliced[chosen + 1:] == 0).all()
+    if chosen > 0:  # the shallower depths' signal survives the LayerNorm
+        assert g_sliced[:chosen].abs().max() > 1e-6 * g_sliced.abs().max().clamp_min(1.0)
+    # hard_as_soft with the model keeps exactly those entries: the same alpha gradients
+    a1 = torch.autograd.grad(loss(sample()), alpha)[0]
+    a2 = torch.autograd.grad(loss(hard_as_soft(sample(), mixer)), alpha)[0]
+    torch.testing.assert_close(a1, a2, rtol=1e-10, atol=1e-12)
+    del m
+
+
+def test_depth_hard_without_gradient_runs_the_plain_stack():
+    """SPOS / a derived architecture (no gradient on the one-hot): the first d blocks."""
+    from tangle_kernels.nn.arch import one_hot_arch
+
+    blocks = [torch.nn.Linear(3, 3) for _ in range(3)]
+    mixer = tnn.DepthMixer(blocks, "depth", {"depth": (1, 3)})
+    x = torch.randn(2, 3)
+    y = mixer(x, one_hot_arch(mixer.choices, {"depth": 1}))
+    torch.testing.assert_close(y, blocks[0](x), rtol=0, atol=0)
