@@ -43,7 +43,10 @@ tuple of names and ints whose product is the width.
 Modules: :class:`EntangledLinear`, :class:`EntangledConv2d`,
 :class:`EntangledBatchNorm2d`, :class:`EntangledLayerNorm`,
 :class:`EntangledEmbedding`, :class:`EntangledAttention`, :class:`DepthMixer`,
-:class:`OpMixer`; conversion: :func:`entangle`, :func:`extract`.
+:class:`OpMixer`; conversion: :func:`entangle`, :func:`extract`, the converter registry
+(:func:`register_converter`, :func:`layer_norm_converter`; see
+:mod:`tangle_kernels.nn.convert`) and docs/recipes.md (a stock CNN, a timm ViT, a
+Hugging Face GPT-2, nanoGPT).
 """
 
 from __future__ import annotations
@@ -52,7 +55,17 @@ from .arch import HardArch, candidate_mix, hard_index, one_hot_arch
 from .attention import EntangledAttention
 from .base import EntangledModule, accepts_arch, get_arch, set_arch
 from .conv import EntangledBatchNorm2d, EntangledConv2d
-from .convert import ENTANGLE_ARGS, entangle, extract
+from .convert import (
+    ENTANGLE_ARGS,
+    Converter,
+    Guard,
+    check_flow,
+    entangle,
+    extract,
+    layer_norm_converter,
+    register_converter,
+    register_guard,
+)
 from .embedding import EntangledEmbedding
 from .linear import EntangledLinear
 from .mixers import DepthMixer, OpMixer
@@ -79,5 +92,11 @@ __all__ = [
     "entangle",
     "extract",
     "ENTANGLE_ARGS",
+    "Converter",
+    "Guard",
+    "register_converter",
+    "register_guard",
+    "layer_norm_converter",
+    "check_flow",
     "WidthSpec",
 ]

@@ -48,8 +48,7 @@ class EntangledAttention(EntangledModule):
         grouped_heads: ``soft_heads="exact"``: ``True`` = the grouped calls, ``False`` =
             one call per candidate, ``None`` (default) = grouped on CUDA (where the
             per-candidate calls are launch-bound), per candidate elsewhere (on CPU the
-            loop was 1.5x faster: 196 vs 291 ms per nanoGPT supernet step, batch 32, 2
-            cores; the gather/scatter along the last dimension costs more than it saves).
+            gather/scatter along the last dimension costs more than the calls it saves).
 
     Submodules: ``qkv = EntangledLinear(E, inner, out_segments=3)`` (q | k | v stacked,
     each prefix-sliced) and ``proj = EntangledLinear(inner, E)``.
@@ -191,6 +190,39 @@ class EntangledAttention(EntangledModule):
                 self._plan = PartitionPlan(
                     self.embed_dim, self.embed_spec.sizes(), self.heads_spec.sizes()
                 )
+
+    @classmethod
+    def from_module(
+        cls,
+        module,
+        choices: Mapping[str, Sequence] | None = None,
+        *,
+        embed_dim: Spec | None = None,
+        num_heads: Spec | None = None,
+    ) -> EntangledAttention:
+        """The entangled version of a stock attention module, sharing its weights where
+        the layouts agree: nanoGPT ``CausalSelfAttention``, ``nn.MultiheadAttention``
+        (self-attention), transformers ``GPT2Attention``, timm ``Attention`` (the
+        converters of :func:`~tangle_kernels.nn.entangle`, whose ``dims`` keys
+        ``<path>.embed_dim`` / ``<path>.num_heads`` do the same inside a model).
+        Unspecified arguments stay at the module's; the max of each spec must be the
+        module's. Its ``extract`` returns the module's own class with the head
+        attributes (``num_heads``, ``head_dim``, ``split_size``, ...) updated."""
+        from .convert.registry import Origin, find_converter
+
+        conv, why = find_converter(module)
+        if conv is None or "num_heads" not in conv.args:
+            raise TypeError(
+                why
+                or f"module: {type(module).__name__} has no attention converter (supported: "
+                "nanoGPT CausalSelfAttention, nn.MultiheadAttention, GPT2Attention, timm Attention)"
+            )
+        specs = {k: v for k, v in (("embed_dim", embed_dim), ("num_heads", num_heads)) if v is not None}
+        new = conv.entangle(module, specs, choices or {}, {})
+        new.__dict__["_tk_origin"] = Origin.of(module)
+        new.__dict__["_tk_converter"] = conv
+        new.train(module.training)
+        return new
 
     def _build_head_tables(self, device) -> None:
         """Index tables of the batched nanoGPT-mode attention (non-persistent buffers).

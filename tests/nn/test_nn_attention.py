@@ -458,3 +458,28 @@ def test_partition_one_attention_call_per_head_count(monkeypatch):
     monkeypatch.setenv("TANGLE_FUSED_ATTENTION", "0")  # without it: torch's attention
     m(x, arch)
     assert calls == ["sdpa"] * 3
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_from_module_multihead_attention(batch_first):
+    """from_module on nn.MultiheadAttention: the max choice is the module, a one-hot
+    arch equals the extracted stock module (its head attributes updated)."""
+    torch.manual_seed(0)
+    mha_mod = torch.nn.MultiheadAttention(12, 4, batch_first=batch_first).eval()
+    choices = {"e": (8, 12), "h": (2, 4)}
+    att = tnn.EntangledAttention.from_module(mha_mod, choices, embed_dim="e", num_heads="h").eval()
+    x = torch.randn(2, 5, 12) if batch_first else torch.randn(5, 2, 12)
+    torch.testing.assert_close(att(x, x, x, need_weights=False)[0], mha_mod(x, x, x, need_weights=False)[0])
+    for sel in ({"e": 8, "h": 2}, {"e": 12, "h": 2}, {"e": 8, "h": 4}):
+        child = att.extract(sel)
+        assert type(child) is torch.nn.MultiheadAttention
+        assert (child.embed_dim, child.num_heads, child.head_dim) == (sel["e"], sel["h"], sel["e"] // sel["h"])
+        xs = x[..., : sel["e"]]
+        want = child(xs, xs, xs, need_weights=False)[0]
+        got = att(x, x, x, need_weights=False, arch=tnn.one_hot_arch(choices, sel))[0]
+        torch.testing.assert_close(got[..., : sel["e"]], want, **TOL[torch.float32])
+        assert not got[..., sel["e"] :].any()
+    with pytest.raises(ValueError, match="need_weights=False"):
+        att(x, x, x)
+    with pytest.raises(TypeError, match="no attention converter"):
+        tnn.EntangledAttention.from_module(torch.nn.Linear(4, 4))
