@@ -118,7 +118,7 @@ def why_unavailable(provider: str, device: str) -> str | None:
     if b is not None:
         if b == "triton" and device == "cpu":
             return "triton runs on CPU tensors only in the interpreter (TRITON_INTERPRET=1): not a benchmark"
-        return backends.why_unavailable(b, torch.device(device))
+        return backends.why_unavailable("superpose", b, torch.device(device))
     if provider.startswith("compiled-"):
         if not hasattr(torch, "compile"):
             return "torch.compile is missing"

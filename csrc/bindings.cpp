@@ -28,7 +28,7 @@ namespace {
 tangle::SuperposeArgs make_args(int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg,
                                 uintptr_t w, uintptr_t g, uintptr_t out, uintptr_t t, uintptr_t p,
                                 uintptr_t rowgrp, uintptr_t colgrp, uintptr_t runs, int64_t nruns) {
-  TK_CHECK(dtype >= 0 && dtype <= 3, "dtype code must be 0 (f32), 1 (f64), 2 (f16) or 3 (bf16)");
+  TK_CHECK(dtype >= tangle::kF32 && dtype <= tangle::kBF16, "unknown dtype code (see _C.dtype_codes)");
   TK_CHECK(R >= 0 && C >= 0, "R and C must be non-negative");
   TK_CHECK(nrg > 0 && ncg > 0, "nrg and ncg must be positive");
   TK_CHECK(nruns >= 0, "nruns must be non-negative");
@@ -57,33 +57,68 @@ void bwd_cpu(int dtype, int64_t R, int64_t C, int64_t nrg, int64_t ncg, uintptr_
   tangle::superpose_backward_cpu(a);
 }
 
-void head_partition_cpu(bool scatter, int dtype, int64_t B, int64_t T, int64_t E, int64_t h,
-                        py::list widths, py::list coefs, uintptr_t src, int64_t s_sB,
-                        int64_t s_sT, int64_t s_sH, uintptr_t dst, int64_t d_sB, int64_t d_sT,
-                        int64_t d_sH, bool accumulate, uintptr_t other, int64_t o_sB,
-                        int64_t o_sT, int64_t o_sH, uintptr_t dots) {
+// Strides of a row set: a tuple (sB, sT) or (sB, sT, sH); missing entries are 0.
+void strides(py::tuple t, int64_t* s, size_t n, const char* what) {
+  TK_CHECK(py::len(t) <= n, std::string("head partition: too many strides for ") + what);
+  for (size_t i = 0; i < n; ++i) s[i] = i < py::len(t) ? t[i].cast<int64_t>() : 0;
+}
+
+// One head-partition gather ([B, T, >=E] -> [B, T, h, D]) or scatter ([B, T, h, D] ->
+// [B, T, E]) of csrc/cpu/head_partition_cpu.cpp. Strides are tuples: (sB, sT) on the
+// flat side, (sB, sT, sH) on the [h, D] side; other (optional) has dst's layout.
+struct HeadCall {
+  tangle::HeadPartitionArgs a;
+  std::vector<int64_t> w;
+  std::vector<double> c;
+};
+
+HeadCall head_call(int dtype, int64_t B, int64_t T, int64_t E, int64_t h, py::list widths,
+                   py::list coefs, uintptr_t src, py::tuple src_strides, uintptr_t dst,
+                   py::tuple dst_strides, bool accumulate, uintptr_t other,
+                   py::tuple other_strides, uintptr_t dots) {
   TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "head partition: float32 or float64");
   TK_CHECK(B >= 0 && T >= 0 && E > 0 && h > 0 && E % h == 0, "head partition: bad sizes");
   TK_CHECK(py::len(widths) == py::len(coefs) && py::len(widths) > 0,
            "head partition: widths and coefs must have the same non-zero length");
-  std::vector<int64_t> w;
-  std::vector<double> c;
-  for (auto x : widths) w.push_back(x.cast<int64_t>());
-  for (auto x : coefs) c.push_back(x.cast<double>());
-  for (auto d : w) TK_CHECK(d >= 1 && d * h <= E, "head partition: head width out of range");
+  HeadCall hc;
+  for (auto x : widths) hc.w.push_back(x.cast<int64_t>());
+  for (auto x : coefs) hc.c.push_back(x.cast<double>());
+  for (auto d : hc.w) TK_CHECK(d >= 1 && d * h <= E, "head partition: head width out of range");
   TK_CHECK(B * T == 0 || (src && dst), "head partition: null src or dst");
   TK_CHECK(!other || dots, "head partition: other needs dots");
-  tangle::HeadPartitionArgs a;
+  tangle::HeadPartitionArgs& a = hc.a;
   a.dtype = dtype; a.B = B; a.T = T; a.E = E; a.h = h; a.D = E / h;
-  a.m = static_cast<int>(w.size()); a.widths = w.data(); a.coefs = c.data();
-  a.src = reinterpret_cast<const void*>(src); a.s_sB = s_sB; a.s_sT = s_sT; a.s_sH = s_sH;
-  a.dst = reinterpret_cast<void*>(dst); a.d_sB = d_sB; a.d_sT = d_sT; a.d_sH = d_sH;
+  a.m = static_cast<int>(hc.w.size()); a.widths = hc.w.data(); a.coefs = hc.c.data();
+  int64_t s[3], d[3], o[3];
+  strides(src_strides, s, 3, "src");
+  strides(dst_strides, d, 3, "dst");
+  strides(other_strides, o, 3, "other");
+  a.src = reinterpret_cast<const void*>(src); a.s_sB = s[0]; a.s_sT = s[1]; a.s_sH = s[2];
+  a.dst = reinterpret_cast<void*>(dst); a.d_sB = d[0]; a.d_sT = d[1]; a.d_sH = d[2];
   a.accumulate = accumulate ? 1 : 0;
-  a.other = reinterpret_cast<const void*>(other); a.o_sB = o_sB; a.o_sT = o_sT; a.o_sH = o_sH;
+  a.other = reinterpret_cast<const void*>(other); a.o_sB = o[0]; a.o_sT = o[1]; a.o_sH = o[2];
   a.dots = reinterpret_cast<double*>(dots);
+  return hc;
+}
+
+void head_gather(int dtype, int64_t B, int64_t T, int64_t E, int64_t h, py::list widths,
+                 py::list coefs, uintptr_t src, py::tuple src_strides, uintptr_t dst,
+                 py::tuple dst_strides, bool accumulate, uintptr_t other,
+                 py::tuple other_strides, uintptr_t dots) {
+  auto hc = head_call(dtype, B, T, E, h, widths, coefs, src, src_strides, dst, dst_strides,
+                      accumulate, other, other_strides, dots);
   py::gil_scoped_release nogil;
-  if (scatter) tangle::head_scatter_cpu(a);
-  else tangle::head_gather_cpu(a);
+  tangle::head_gather_cpu(hc.a);
+}
+
+void head_scatter(int dtype, int64_t B, int64_t T, int64_t E, int64_t h, py::list widths,
+                  py::list coefs, uintptr_t src, py::tuple src_strides, uintptr_t dst,
+                  py::tuple dst_strides, bool accumulate, uintptr_t other,
+                  py::tuple other_strides, uintptr_t dots) {
+  auto hc = head_call(dtype, B, T, E, h, widths, coefs, src, src_strides, dst, dst_strides,
+                      accumulate, other, other_strides, dots);
+  py::gil_scoped_release nogil;
+  tangle::head_scatter_cpu(hc.a);
 }
 
 // The scatters of several head counts into one dst (csrc/cpu/head_partition_cpu.cpp):
@@ -168,36 +203,56 @@ void head_gather_multi_cpu(int dtype, int64_t B, int64_t T, py::list gathers) {
   tangle::head_gather_multi_cpu(as);
 }
 
-void mixed_layernorm_cpu(bool backward, int dtype, int64_t N, int64_t E, py::list widths,
-                         py::list mix, double eps, uintptr_t x, int64_t sx, uintptr_t w,
-                         uintptr_t bmix, uintptr_t y, uintptr_t mu, uintptr_t rstd, uintptr_t g,
-                         int64_t sg, uintptr_t dx, uintptr_t dw, uintptr_t dbmix,
-                         uintptr_t dmix) {
+// Superposed LayerNorm (csrc/cpu/layernorm_mix_cpu.cpp): the shared sizes and candidates.
+tangle::MixedLayerNormArgs ln_args(int dtype, int64_t N, int64_t E, py::list widths,
+                                   py::list mix, std::vector<int64_t>& wd,
+                                   std::vector<double>& mx) {
   TK_CHECK(dtype == tangle::kF32 || dtype == tangle::kF64, "mixed layernorm: float32 or float64");
   TK_CHECK(N >= 0 && E > 0, "mixed layernorm: bad sizes");
   TK_CHECK(py::len(widths) == py::len(mix) && py::len(widths) > 0,
            "mixed layernorm: widths and mix must have the same non-zero length");
-  std::vector<int64_t> wd;
-  std::vector<double> mx;
   for (auto v : widths) wd.push_back(v.cast<int64_t>());
   for (auto v : mix) mx.push_back(v.cast<double>());
   for (auto c : wd) TK_CHECK(c >= 1 && c <= E, "mixed layernorm: width out of range");
-  TK_CHECK(N == 0 || (x && mu && rstd), "mixed layernorm: null x or statistics");
-  TK_CHECK(backward ? (N == 0 || (g && dx)) && dmix : (N == 0 || y),
-           "mixed layernorm: null output");
   tangle::MixedLayerNormArgs a;
   a.dtype = dtype; a.N = N; a.E = E; a.K = static_cast<int>(wd.size());
-  a.widths = wd.data(); a.mix = mx.data(); a.eps = eps;
+  a.widths = wd.data(); a.mix = mx.data();
+  return a;
+}
+
+void mixed_layernorm_forward(int dtype, int64_t N, int64_t E, py::list widths, py::list mix,
+                             double eps, uintptr_t x, int64_t sx, uintptr_t w, uintptr_t bmix,
+                             uintptr_t y, uintptr_t mu, uintptr_t rstd) {
+  std::vector<int64_t> wd;
+  std::vector<double> mx;
+  auto a = ln_args(dtype, N, E, widths, mix, wd, mx);
+  TK_CHECK(N == 0 || (x && mu && rstd && y), "mixed layernorm: null x, y or statistics");
+  a.eps = eps;
   a.x = reinterpret_cast<const void*>(x); a.sx = sx;
   a.w = reinterpret_cast<const void*>(w); a.bmix = reinterpret_cast<const void*>(bmix);
   a.y = reinterpret_cast<void*>(y);
+  a.mu = reinterpret_cast<double*>(mu); a.rstd = reinterpret_cast<double*>(rstd);
+  py::gil_scoped_release nogil;
+  tangle::mixed_layernorm_forward_cpu(a);
+}
+
+void mixed_layernorm_backward(int dtype, int64_t N, int64_t E, py::list widths, py::list mix,
+                              uintptr_t x, int64_t sx, uintptr_t w, uintptr_t mu,
+                              uintptr_t rstd, uintptr_t g, int64_t sg, uintptr_t dx,
+                              uintptr_t dw, uintptr_t dbmix, uintptr_t dmix) {
+  std::vector<int64_t> wd;
+  std::vector<double> mx;
+  auto a = ln_args(dtype, N, E, widths, mix, wd, mx);
+  TK_CHECK(N == 0 || (x && mu && rstd && g && dx), "mixed layernorm: null x, g, dx or statistics");
+  TK_CHECK(dmix, "mixed layernorm: null dmix");
+  a.x = reinterpret_cast<const void*>(x); a.sx = sx;
+  a.w = reinterpret_cast<const void*>(w);
   a.mu = reinterpret_cast<double*>(mu); a.rstd = reinterpret_cast<double*>(rstd);
   a.g = reinterpret_cast<const void*>(g); a.sg = sg;
   a.dx = reinterpret_cast<void*>(dx); a.dw = reinterpret_cast<void*>(dw);
   a.dbmix = reinterpret_cast<void*>(dbmix); a.dmix = reinterpret_cast<double*>(dmix);
   py::gil_scoped_release nogil;
-  if (backward) tangle::mixed_layernorm_backward_cpu(a);
-  else tangle::mixed_layernorm_forward_cpu(a);
+  tangle::mixed_layernorm_backward_cpu(a);
 }
 
 // Fused attention with dropout (csrc/cpu/attention_cpu.cpp). Each tensor: a tuple
@@ -280,27 +335,59 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nrg"), py::arg("ncg"), py::arg("w"), py::arg("g"), py::arg("dw"), py::arg("t"),
         py::arg("p"), py::arg("rowgrp"), py::arg("runs"), py::arg("nruns"),
         "dw = g * t[cell]; p[cell] = sum over the cell of g * w (deterministic).");
-  m.def("head_partition_cpu", &head_partition_cpu,
-        "Head-partition gather (scatter=False) or scatter (scatter=True), see "
-        "csrc/cpu/head_partition_cpu.cpp.");
-  m.def("head_scatter_multi_cpu", &head_scatter_multi_cpu,
+  const char* head_doc = "see csrc/cpu/head_partition_cpu.cpp; strides are tuples (sB, sT) "
+                         "on the [B, T, E] side and (sB, sT, sH) on the [B, T, h, D] side";
+#define TK_HEAD_ARGS                                                                      \
+  py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("E"), py::arg("h"), py::arg("widths"), \
+      py::arg("coefs"), py::arg("src"), py::arg("src_strides"), py::arg("dst"),            \
+      py::arg("dst_strides"), py::arg("accumulate") = false, py::arg("other") = 0,         \
+      py::arg("other_strides") = py::tuple(), py::arg("dots") = 0
+  m.def("head_gather_cpu", &head_gather, TK_HEAD_ARGS, head_doc);
+  m.def("head_scatter_cpu", &head_scatter, TK_HEAD_ARGS, head_doc);
+#undef TK_HEAD_ARGS
+  m.def("head_scatter_multi_cpu", &head_scatter_multi_cpu, py::arg("dtype"), py::arg("B"),
+        py::arg("T"), py::arg("E"), py::arg("heads"), py::arg("widths"), py::arg("coefs"),
+        py::arg("srcs"), py::arg("src_strides"), py::arg("dst"), py::arg("d_sB"),
+        py::arg("d_sT"), py::arg("accumulate"), py::arg("other"), py::arg("o_sB"),
+        py::arg("o_sT"), py::arg("dots"),
         "The head-partition scatters of several head counts into one dst in one pass, see "
         "csrc/cpu/head_partition_cpu.cpp.");
-  m.def("head_gather_multi_cpu", &head_gather_multi_cpu,
+  m.def("head_gather_multi_cpu", &head_gather_multi_cpu, py::arg("dtype"), py::arg("B"),
+        py::arg("T"), py::arg("gathers"),
         "Several head-partition gathers over the same rows in one pass, see "
         "csrc/cpu/head_partition_cpu.cpp.");
-  m.def("mixed_layernorm_cpu", &mixed_layernorm_cpu,
-        "Superposed LayerNorm forward (backward=False) or backward, see "
-        "csrc/cpu/layernorm_mix_cpu.cpp.");
+  m.def("mixed_layernorm_forward_cpu", &mixed_layernorm_forward, py::arg("dtype"), py::arg("N"),
+        py::arg("E"), py::arg("widths"), py::arg("mix"), py::arg("eps"), py::arg("x"),
+        py::arg("sx"), py::arg("w"), py::arg("bmix"), py::arg("y"), py::arg("mu"),
+        py::arg("rstd"), "Superposed LayerNorm forward, see csrc/cpu/layernorm_mix_cpu.cpp.");
+  m.def("mixed_layernorm_backward_cpu", &mixed_layernorm_backward, py::arg("dtype"),
+        py::arg("N"), py::arg("E"), py::arg("widths"), py::arg("mix"), py::arg("x"),
+        py::arg("sx"), py::arg("w"), py::arg("mu"), py::arg("rstd"), py::arg("g"),
+        py::arg("sg"), py::arg("dx"), py::arg("dw"), py::arg("dbmix"), py::arg("dmix"),
+        "Superposed LayerNorm backward, see csrc/cpu/layernorm_mix_cpu.cpp.");
   m.def("set_blas", &tangle::set_blas, py::arg("sgemm"), py::arg("dgemm"),
         "Hand the fused attention the addresses of Fortran sgemm_ / dgemm_ (LP64).");
   m.def("have_blas", &tangle::have_blas);
-  m.def("attention_forward_cpu", &attention_forward,
-        "Fused attention with dropout, forward (csrc/cpu/attention_cpu.cpp).");
-  m.def("attention_backward_cpu", &attention_backward,
+#define TK_ATT_ARGS                                                                        \
+  py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("Tq"), py::arg("Tk"), py::arg("D"), \
+      py::arg("causal"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("q"), \
+      py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse")
+  m.def("attention_forward_cpu", &attention_forward, TK_ATT_ARGS,
+        "Fused attention with dropout, forward (csrc/cpu/attention_cpu.cpp); tensors are "
+        "(address, sB, sH, sT) tuples.");
+  m.def("attention_backward_cpu", &attention_backward, TK_ATT_ARGS, py::arg("g"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"),
         "Fused attention with dropout, backward (csrc/cpu/attention_cpu.cpp).");
-  m.def("dropout_keep_cpu", &dropout_keep,
+#undef TK_ATT_ARGS
+  m.def("dropout_keep_cpu", &dropout_keep, py::arg("seed"), py::arg("BH"), py::arg("Tq"),
+        py::arg("Tk"), py::arg("p"), py::arg("out"),
         "The fused attention's dropout keep mask [BH, Tq, Tk] (uint8) for a seed.");
+  py::dict codes;  // the one table of dtype codes (tangle::DType), read by tangle_kernels._ext
+  codes["float32"] = int(tangle::kF32);
+  codes["float64"] = int(tangle::kF64);
+  codes["float16"] = int(tangle::kF16);
+  codes["bfloat16"] = int(tangle::kBF16);
+  m.attr("dtype_codes") = codes;
   m.def("cpu_num_threads", &tangle::cpu_num_threads);
 #ifdef TK_WITH_OPENMP
   m.attr("with_openmp") = true;

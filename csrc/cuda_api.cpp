@@ -15,7 +15,8 @@ static SuperposeArgs cuda_args(int dtype, int64_t R, int64_t C, int64_t nrg, int
                                uintptr_t w, uintptr_t g, uintptr_t out, uintptr_t t, uintptr_t p,
                                uintptr_t rowgrp, uintptr_t colgrp, uintptr_t workspace,
                                int64_t workspace_bytes, int deterministic) {
-  if (dtype < 0 || dtype > 3) throw std::invalid_argument("tangle_kernels._C: bad dtype code");
+  if (dtype < kF32 || dtype > kBF16)
+    throw std::invalid_argument("tangle_kernels._C: unknown dtype code (see _C.dtype_codes)");
   if (R < 0 || C < 0 || nrg <= 0 || ncg <= 0)
     throw std::invalid_argument("tangle_kernels._C: bad sizes");
   if (R * C > 0 && (!w || !out))

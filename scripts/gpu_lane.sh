@@ -4,7 +4,8 @@
 #   1. builds tangle_kernels._C (CPU + CUDA kernels) against that torch,
 #   2. prints `python -m tangle_kernels info`,
 #   3. runs the quick probe (scripts/gpu_probe.py: one table of op and layer timings),
-#   4. runs tests/kernels/test_gpu.py, the triton tests on the GPU, and every test marked gpu,
+#   4. runs the ops' GPU cases (tests/ops and tests/kernels, mark gpu), the triton tests
+#      on the GPU, and every other test marked gpu,
 #   5. runs the GPU benchmarks (benchmarks/run.py --device cuda) when present,
 #   6. copies logs and results to "$OUT" when OUT is set.
 # A failing step is recorded and the lane goes on; the exit status is non-zero if any
@@ -98,12 +99,12 @@ want probe && step probe 200 $PY scripts/gpu_probe.py --json "$LOGDIR/probe.json
 # 4. tests ---------------------------------------------------------------------
 export TANGLE_GPU_LANE=1
 if want tests; then
-  step test_gpu 300 $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests/kernels/test_gpu.py
+  step test_gpu 300 $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 -m gpu tests/ops tests/kernels
   step test_triton_on_gpu 90 $PY -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_triton_backend.py
 fi
 # Every other test marked gpu (other modules' GPU tests), whole suite, selected by marker.
 marked_gpu() {  # pytest exits 5 when no test is selected: not a failure here
-  $PY -m pytest -q -p no:cacheprovider -rfEs -m gpu tests --ignore=tests/kernels/test_gpu.py
+  $PY -m pytest -q -p no:cacheprovider -rfEs -m gpu tests --ignore=tests/ops --ignore=tests/kernels
   local rc=$?
   [ $rc -eq 5 ] && return 0
   return $rc

@@ -53,7 +53,7 @@ def kernel_rows(dev):
             t_copy = bench(lambda: dst.copy_(W))
             for bname in ("cuda", "triton"):
                 try:
-                    impl = backends.get(bname)
+                    impl = backends.get("superpose", bname)
                     cases = [("fwd", lambda: impl.forward(W, t, tabs), 2)]
                     if bname == "cuda":
                         for mode in ("atomic", "deterministic"):

@@ -36,8 +36,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tangle_kernels.backends import triton_linear as TL  # noqa: E402
-from tangle_kernels.backends import triton_superpose as TS  # noqa: E402
+from tangle_kernels.backends.triton import linear as TL  # noqa: E402
+from tangle_kernels.backends.triton import superpose as TS  # noqa: E402
 
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

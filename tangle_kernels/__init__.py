@@ -61,8 +61,12 @@ def info() -> dict:
     devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     avail = {}
     for dev in devs:
-        avail[dev.type] = {n: (backends.why_unavailable(n, dev) or "ok") for n in backends.BACKENDS}
+        avail[dev.type] = {n: (backends.why_unavailable("superpose", n, dev) or "ok")
+                           for n in backends.BACKENDS}
     d["backends"] = avail
+    # Per op, the backend the automatic choice takes on each device (the registry).
+    d["ops"] = {dev.type: {op: backends.resolve(op, None, dev) for op in backends.OPS
+                           if op not in backends.USER_CHOSEN} for dev in devs}
     from .ops.entangled_linear import FUSED_ENV
 
     fused = os.environ.get(FUSED_ENV, "0") not in ("", "0")

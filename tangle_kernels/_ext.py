@@ -25,6 +25,18 @@ else:
         )
 
 
+def _dtype_codes() -> dict:
+    import torch
+
+    codes = getattr(_C, "dtype_codes", None) or {}
+    return {getattr(torch, name): int(code) for name, code in codes.items()}
+
+
+# torch dtype -> the kernels' code: ``tangle::DType`` of csrc/tangle.h, the one place
+# they are defined (the extension exports them as ``_C.dtype_codes``).
+DTYPE_CODES: dict = _dtype_codes()
+
+
 def has_cpu_ext() -> bool:
     return _C is not None
 

@@ -1,5 +1,5 @@
 """Layouts: the K candidate slices of one max-size weight, as boxes, and the cell
-tables the kernels use (DESIGN.md section 2).
+tables the kernels use (the math: docs/design.md; the kernels: csrc/README.md).
 
 A candidate k is a box (one ``(lo, hi)`` range per dimension of the weight) or,
 for segmented weights such as a stacked q|k|v projection, a union of disjoint
@@ -15,13 +15,14 @@ inside candidate k, so the per-cell mask values are ``T = B @ mix``.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from ._layout_named import NamedLayouts, _as_int, centered_range, prefix_range
 
 Range = tuple[int, int]
 Box = tuple[Range, ...]
@@ -80,30 +81,6 @@ def _construct(cls, args, kwargs):
     return obj
 
 
-def prefix_range(size: int, width: int, *, what: str = "width") -> Range:
-    """The range ``[0, width)`` of a dimension of ``size``; checks ``0 < width <= size``."""
-    width = int(width)
-    if not 0 < width <= size:
-        raise ValueError(f"{what}={width} must be in [1, {size}] (the max size of that dimension)")
-    return (0, width)
-
-
-def centered_range(size: int, k: int, *, what: str = "kernel size") -> Range:
-    """The centred window of length ``k`` inside ``size`` (a kxk kernel inside a 7x7 one).
-
-    ``k`` must not exceed ``size`` and must have its parity, so the window is centred.
-    """
-    k = int(k)
-    if not 0 < k <= size:
-        raise ValueError(f"{what}={k} must be in [1, {size}] (the max size of that dimension)")
-    if (size - k) % 2:
-        raise ValueError(
-            f"{what}={k} cannot be centred inside {size}: sizes must have the same parity"
-        )
-    lo = (size - k) // 2
-    return (lo, lo + k)
-
-
 def _pow2_align(values, cap: int = 128) -> int:
     """The largest power of two <= ``cap`` that divides every value (``cap`` for none)."""
     a = cap
@@ -113,7 +90,7 @@ def _pow2_align(values, cap: int = 128) -> int:
     return a
 
 
-class Layout:
+class Layout(NamedLayouts):
     """K candidate slices of a weight of rank 1 to 4.
 
     ``Layout(shape, boxes)`` takes ``boxes``: one box per candidate, each a sequence of
@@ -154,7 +131,7 @@ class Layout:
     ):
         if self._built:
             return
-        shape = tuple(int(s) for s in shape)
+        shape = tuple(_as_int(s, "shape") for s in shape)
         if not 1 <= len(shape) <= 4:
             raise ValueError(f"shape: rank must be 1 to 4, got {len(shape)} ({shape})")
         if any(s <= 0 for s in shape):
@@ -171,7 +148,8 @@ class Layout:
             for d, rng in enumerate(box):
                 if len(rng) != 2:
                     raise ValueError(f"boxes[{j}][{d}]: expected a (lo, hi) pair, got {rng!r}")
-                lo, hi = int(rng[0]), int(rng[1])
+                lo = _as_int(rng[0], f"boxes[{j}][{d}] lo")
+                hi = _as_int(rng[1], f"boxes[{j}][{d}] hi")
                 if lo >= hi:
                     raise ValueError(f"boxes[{j}][{d}]: lo={lo} >= hi={hi} (empty range)")
                 if lo < 0 or hi > shape[d]:
@@ -184,7 +162,7 @@ class Layout:
         if owners is None:
             owners = list(range(len(norm)))
         else:
-            owners = [int(o) for o in owners]
+            owners = [_as_int(o, "owners") for o in owners]
             if len(owners) != len(norm):
                 raise ValueError(f"owners: length {len(owners)} != number of boxes {len(norm)}")
             if min(owners) < 0:
@@ -289,6 +267,24 @@ class Layout:
         # caller adds them to a cached table dict (a side effect under torch.compile).
         self._cpu_tables["rowgrp_l"] = self._cpu_tables["rowgrp"].long()
         self._cpu_tables["colgrp_l"] = self._cpu_tables["colgrp"].long()
+        if ndim == 1 and len(self.boxes) == self.K:
+            # 1-D layouts of one prefix per candidate (LayerNorm widths): the segment each
+            # candidate's box ends after, and its end, for the per-candidate statistics.
+            his = [0] * self.K
+            for ((lo, hi),), k in zip(self.boxes, self.owners):
+                his[k] = hi
+            ends = [int(np.searchsorted(cuts[0], hi)) - 1 for hi in his]
+            self._cpu_tables["end_seg"] = torch.tensor(ends, dtype=torch.int64)
+            self._cpu_tables["box_hi64"] = torch.tensor(his, dtype=torch.float64)
+            self._cpu_tables["box_hi32"] = torch.tensor(his, dtype=torch.float32)
+        self._cpu_tables["Bmask"] = torch.from_numpy(B > 0)  # B as bool (masked sums)
+        # Cells no candidate covers (rows of B all zero): the ops write 0 there, as the
+        # padded sum does; "covered_el" is the [R, C] bool map of the covered elements.
+        self.uncovered = tuple(int(c) for c in np.flatnonzero(B.sum(1) == 0))
+        if self.uncovered:
+            covered = B.sum(1) > 0
+            el = covered.reshape(nrg, ncg)[rowgrp[:, None], colgrp[None, :]]
+            self._cpu_tables["covered_el"] = torch.from_numpy(np.ascontiguousarray(el))
         # The candidate sizes (number of covered elements), handy for stats and checks.
         self.candidate_numel = tuple(
             int(sum(math.prod(hi - lo for lo, hi in box) for box, o in zip(self.boxes, self.owners) if o == k))
@@ -330,6 +326,14 @@ class Layout:
         tabs = self.tables(mix.device)
         B = tabs["B64"] if dtype == torch.float64 else tabs["B32"]
         return (B * mix.to(dtype)).sum(dim=1).reshape(self.nrg, self.ncg)
+
+    def masked_cell_values(self, mix: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``T[c] = sum of mix_k over the candidates covering c`` (``[nrg, ncg]``,
+        differentiable): equal to :meth:`cell_values` for finite mix, but a non-finite
+        ``mix_k`` reaches only candidate k's cells, and the gradient of cell c only the
+        candidates covering it (no ``0 * inf``)."""
+        tabs = self.tables(mix.device)
+        return torch.where(tabs["Bmask"], mix.to(dtype), 0).sum(dim=1).reshape(self.nrg, self.ncg)
 
     def mask(self, mix: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense mask ``M(mix)`` of the weight's shape (for oracles and inspection)."""
@@ -396,176 +400,6 @@ class Layout:
                 f"{name}: shape {tuple(weight.shape)} does not match the layout's shape {self.shape} "
                 "(was the layout built for another weight?)"
             )
-
-    # ------------------------------------------------------------ constructors
-    @classmethod
-    def product(cls, shape: Sequence[int], ranges: Sequence[Sequence[Range] | None]) -> Layout:
-        """Cartesian product of per-dimension range choices (``None`` = the full dimension).
-
-        Candidates are enumerated in ``itertools.product`` order (last dim fastest).
-        """
-        shape = tuple(int(s) for s in shape)
-        if len(ranges) != len(shape):
-            raise ValueError(f"ranges: {len(ranges)} entries for a weight of rank {len(shape)}")
-        per_dim = []
-        for d, r in enumerate(ranges):
-            if r is None:
-                per_dim.append([(0, shape[d])])
-            else:
-                if len(r) == 0:
-                    raise ValueError(f"ranges[{d}]: empty list of choices")
-                per_dim.append([tuple(x) for x in r])
-        boxes = list(itertools.product(*per_dim))
-        return cls(shape, boxes, labels=boxes)
-
-    @classmethod
-    def prefix(cls, shape: Sequence[int], widths: Sequence[Sequence[int] | None]) -> Layout:
-        """Prefix slices: per dimension a list of widths (first ``w`` entries) or ``None``.
-
-        ``Layout.prefix((384, 384), [[128, 256, 384], [192, 384]])`` has K = 6.
-        """
-        shape = tuple(int(s) for s in shape)
-        if len(widths) != len(shape):
-            raise ValueError(f"widths: {len(widths)} entries for a weight of rank {len(shape)}")
-        ranges = [
-            None if w is None else [prefix_range(shape[d], x, what=f"widths[{d}]") for x in w]
-            for d, w in enumerate(widths)
-        ]
-        return cls.product(shape, ranges)
-
-    @classmethod
-    def grid(
-        cls,
-        shape: Sequence[int],
-        choices: Mapping[str, Sequence[Any]],
-        box_fn: Callable[..., Sequence],
-    ) -> Layout:
-        """Candidates from named choices: one per element of the cartesian product of
-        ``choices`` (insertion order, last choice fastest). ``box_fn(**values)`` returns
-        the candidate's box, or a list of disjoint boxes (a union).
-
-        Example (GPT MLP up-projection, out = embed * ratio)::
-
-            Layout.grid((3072, 768), {"embed": [192, 384, 768], "ratio": [2, 3, 4]},
-                        lambda embed, ratio: [(0, embed * ratio), (0, embed)])
-        """
-        shape = tuple(int(s) for s in shape)
-        if not choices:
-            raise ValueError("choices: need at least one named choice")
-        names = list(choices)
-        values = [list(choices[n]) for n in names]
-        for n, v in zip(names, values):
-            if len(v) == 0:
-                raise ValueError(f"choices[{n!r}]: empty list of values")
-        boxes, owners, labels = [], [], []
-        for k, combo in enumerate(itertools.product(*values)):
-            kw = dict(zip(names, combo))
-            out = box_fn(**kw)
-            out = list(out)
-            if out and isinstance(out[0][0], (int, np.integer)):
-                out = [out]  # a single box
-            for b in out:
-                boxes.append(b)
-                owners.append(k)
-            labels.append(kw)
-        lay = cls(shape, boxes, owners, labels=labels)
-        lay.choice_names = tuple(names)
-        lay.choice_values = tuple(tuple(v) for v in values)
-        return lay
-
-    @classmethod
-    def centered(
-        cls, shape: Sequence[int], sizes: Sequence[int], dims: Sequence[int] = (-2, -1)
-    ) -> Layout:
-        """Centred windows of one size choice applied to all ``dims`` (3x3/5x5 inside 7x7)."""
-        shape = tuple(int(s) for s in shape)
-        dims = [d % len(shape) for d in dims]
-
-        def box(k):
-            return [
-                centered_range(shape[d], k, what="kernel size") if d in dims else (0, shape[d])
-                for d in range(len(shape))
-            ]
-
-        return cls.grid(shape, {"kernel": list(sizes)}, lambda kernel: box(kernel))
-
-    @classmethod
-    def conv(
-        cls,
-        shape: Sequence[int],
-        out_channels: Sequence[int] | None = None,
-        in_channels: Sequence[int] | None = None,
-        kernel_sizes: Sequence[int] | None = None,
-    ) -> Layout:
-        """Conv weight ``(O, I, kh, kw)``: out-channel x in-channel prefixes x centred kernels.
-
-        Each argument ``None`` means that choice is fixed at the max. K is the product of
-        the given choice counts (3 x 3 x 3 = 27 for a typical entangled conv).
-        """
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 4:
-            raise ValueError(f"shape: a conv weight has rank 4 (O, I, kh, kw), got {shape}")
-        n_out, n_in, kh, kw = shape
-        ch = {
-            "out": list(out_channels) if out_channels is not None else [n_out],
-            "in": list(in_channels) if in_channels is not None else [n_in],
-            "kernel": list(kernel_sizes) if kernel_sizes is not None else [max(kh, kw)],
-        }
-        if kernel_sizes is None and kh != kw:
-            ch["kernel"] = [kh]
-
-        def box(out, in_, kernel):
-            return [
-                prefix_range(n_out, out, what="out_channels"),
-                prefix_range(n_in, in_, what="in_channels"),
-                centered_range(kh, kernel) if kernel_sizes is not None else (0, kh),
-                centered_range(kw, kernel) if kernel_sizes is not None else (0, kw),
-            ]
-
-        lay = cls.grid(shape, {"out": ch["out"], "in": ch["in"], "kernel": ch["kernel"]},
-                       lambda out, **kw: box(out, kw["in"], kw["kernel"]))
-        return lay
-
-    @classmethod
-    def segmented(
-        cls,
-        shape: Sequence[int],
-        dim: int,
-        num_segments: int,
-        widths: Sequence[int],
-        tie: Sequence[int] = (),
-    ) -> Layout:
-        """Stacked blocks (q | k | v) along ``dim``, each prefix-sliced by the same width.
-
-        ``shape[dim]`` must be ``num_segments * seg``; candidate w keeps rows
-        ``[s*seg, s*seg + w)`` of every segment s. Dimensions in ``tie`` are prefix-sliced
-        with the same width (the input dim of a q|k|v projection).
-        """
-        shape = tuple(int(s) for s in shape)
-        dim = dim % len(shape)
-        if num_segments <= 0 or shape[dim] % num_segments:
-            raise ValueError(
-                f"num_segments={num_segments} must divide shape[{dim}]={shape[dim]}"
-            )
-        seg = shape[dim] // num_segments
-        tie = [t % len(shape) for t in tie]
-
-        def boxes(width):
-            prefix_range(seg, width, what="width")
-            out = []
-            for s in range(num_segments):
-                b = []
-                for d in range(len(shape)):
-                    if d == dim:
-                        b.append((s * seg, s * seg + width))
-                    elif d in tie:
-                        b.append(prefix_range(shape[d], width, what=f"width (tied dim {d})"))
-                    else:
-                        b.append((0, shape[d]))
-                out.append(b)
-            return out
-
-        return cls.grid(shape, {"width": list(widths)}, lambda width: boxes(width))
 
 
 def _construct_kw(cls, args, kw):

@@ -1,6 +1,6 @@
-"""Shared helpers of the fused-linear tests (tests/test_triton_backend.py on CPU under
-the interpreter or on a GPU, tests/test_gpu.py): the float64 padded-sum oracle and the
-torch.compile check."""
+"""Shared helpers of the fused-linear tests (tests/kernels/test_triton_backend.py on CPU
+under the interpreter or on a GPU, tests/ops/test_entangled_linear.py): the float64
+padded-sum oracle and the torch.compile check."""
 
 from __future__ import annotations
 

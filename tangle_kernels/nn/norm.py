@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.reference import mixed_xhat
 from ..layout import Layout
-from ..ops.mixed_layernorm import fused_available, mixed_layer_norm
-from ..ops.superpose import superpose
+from ..ops.mixed_layernorm import entangled_layer_norm
 from . import plain
 from .arch import HardArch
 from .base import EntangledModule
@@ -33,19 +33,13 @@ class EntangledLayerNorm(EntangledModule):
                     = x[j] * A[seg(j)] - B[seg(j)]
 
     with ``A = sum_k mix_k rstd_k [seg in k]``, ``B = sum_k mix_k mu_k rstd_k [seg in k]``
-    per segment of the width (the cells of the 1-D layout). The per-candidate
-    statistics ``mu_k``, ``rstd_k`` come from prefix sums over the segments of
-    ``x - s`` and ``(x - s)^2``: one pass over ``x`` for all K candidates, not K. The
-    shift ``s`` (the row mean over the smallest candidate, detached: the variance
-    formula is exact for any constant shift) avoids the cancellation of
-    ``E[x^2] - E[x]^2``. Statistics are computed in float32 for half inputs. The
+    per segment of the width (the cells of the 1-D layout), computed for all K
+    candidates in one pass over ``x`` (backends/reference.py ``mixed_xhat``). The
     weight ``w`` multiplies the already mixed ``xhat_mix``, which is the same as
-    superposing it; the bias is superposed with :func:`superpose`.
-
-    On CPU (float32/float64, eager) the soft path is one autograd node of C++ kernels
-    (:mod:`tangle_kernels.ops.mixed_layernorm`: one pass over ``x`` forward, one over
-    ``g`` and ``x`` backward; 43 -> ~3 ms fwd+bwd at [2048, 384], K = 3, one thread);
-    the composition above runs elsewhere and is its oracle.
+    superposing it; the bias is superposed with :func:`superpose`. The op
+    (:func:`tangle_kernels.ops.mixed_layernorm.entangled_layer_norm`) routes it: one
+    autograd node of C++ kernels on CPU (float32/float64, eager), the composition above
+    elsewhere (and as its oracle).
 
     HardArch: ``pad(s * layer_norm(x[..., :c], w[:c], b[:c]))``. No arch: the plain
     max-width LayerNorm. Arguments as ``nn.LayerNorm`` (``normalized_shape`` is a width
@@ -137,27 +131,7 @@ class EntangledLayerNorm(EntangledModule):
     def mixed_xhat(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """``xhat_mix = sum_k mix_k pad((x[..., :c_k] - mu_k) rstd_k)`` in the dtype of x
         (see the class docstring)."""
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xs = x.to(cdt)
-        shift = xs[..., : self.c_min].mean(-1, keepdim=True).detach()
-        xs = xs - shift
-        s1 = torch.stack([xs[..., lo:hi].sum(-1) for lo, hi in self.segments], -1)
-        s2 = torch.stack([xs[..., lo:hi].pow(2).sum(-1) for lo, hi in self.segments], -1)
-        end = self._end_seg.to(x.device)
-        c = self._widths.to(device=x.device, dtype=cdt)
-        p1 = s1.cumsum(-1).index_select(-1, end)  # [..., K] prefix sums per candidate
-        p2 = s2.cumsum(-1).index_select(-1, end)
-        mu = p1 / c
-        var = (p2 / c - mu * mu).clamp_min(0)
-        rstd = torch.rsqrt(var + self.eps)
-        m = mix.to(cdt)
-        tabs = self.layout.tables(x.device)
-        Bt = (tabs["B64"] if cdt == torch.float64 else tabs["B32"]).t()  # [K, nseg]
-        A = (m * rstd) @ Bt  # [..., nseg]
-        Bv = (m * mu * rstd) @ Bt
-        seg = tabs["colgrp"].long()
-        xhat = xs * A.index_select(-1, seg) - Bv.index_select(-1, seg)
-        return xhat.to(x.dtype)
+        return mixed_xhat(x, mix, self.layout, self.eps)
 
     def forward(
         self, x: torch.Tensor, arch: Mapping[str, torch.Tensor] | None = None
@@ -179,15 +153,7 @@ class EntangledLayerNorm(EntangledModule):
                 y = y * s
             return F.pad(y, (0, D - c)) if c < D else y
         mix = self._mix(arch, self.names)
-        if fused_available(x):  # one node: C++ kernels (ops/mixed_layernorm.py)
-            bmix = superpose(self.bias, mix, self.layout) if self.bias is not None else None
-            return mixed_layer_norm(x, self.weight, bmix, mix, self.widths, self.eps)
-        y = self.mixed_xhat(x, mix)
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + superpose(self.bias, mix, self.layout)
-        return y
+        return entangled_layer_norm(x, self.weight, self.bias, mix, self.layout, self.eps)
 
     def extract(self, selection: Mapping[str, Any]) -> plain.LayerNorm:
         """``nn.LayerNorm(c)`` with the sliced affine parameters copied."""

@@ -21,6 +21,10 @@ plain model. The kernel (csrc/cpu/attention_cpu.cpp) runs its block matmuls on t
 torch links (``sgemm_``/``dgemm_``); where that is not found, or
 ``TANGLE_FUSED_ATTENTION=0``, :func:`fused_attention_available` says why and callers
 keep torch's attention.
+
+Second order: when a graph is requested the node differentiates
+:func:`~tangle_kernels.backends.reference.attention_reference` under the same keep mask
+(regenerated from the seed): twice differentiable, the reference's second derivatives.
 """
 
 from __future__ import annotations
@@ -30,15 +34,18 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import backends
+from ..backends import cpu as _cpu
+from ..backends.reference import attention_reference
+from ._autograd import graph_backward, refuse_functorch
+
 __all__ = ["fused_attention", "fused_attention_available", "attention_reference",
            "dropout_keep_mask", "draw_seed", "attention"]
 
 
 def fused_attention_available() -> str | None:
     """None when the fused CPU attention can run, else the reason it cannot."""
-    from ..backends.cpu import attention_unavailable
-
-    return attention_unavailable()
+    return backends.why_unavailable("attention", "cpu", torch.device("cpu"))
 
 
 def draw_seed() -> int:
@@ -48,46 +55,41 @@ def draw_seed() -> int:
 
 def dropout_keep_mask(seed: int, B: int, H: int, Tq: int, Tk: int, p: float) -> torch.Tensor:
     """The keep mask (bool ``[B, H, Tq, Tk]``) of a call with this seed and ``p``."""
-    from ..backends.cpu import dropout_keep
-
-    return dropout_keep(seed, B, H, Tq, Tk, p)
+    return _cpu.dropout_keep(seed, B, H, Tq, Tk, p)
 
 
-def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = None,
-                        dropout_p: float = 0.0, keep: torch.Tensor | None = None):
-    """The same math in plain torch ops (the tests' oracle): ``keep`` is the mask."""
-    s = q.shape[-1] ** -0.5 if scale is None else scale
-    att = (q @ k.transpose(-1, -2)) * s
-    if causal:
-        Tq, Tk = att.shape[-2:]
-        m = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~m, float("-inf"))
-    att = torch.softmax(att, dim=-1)
-    if dropout_p > 0.0:
-        att = att * keep.to(att.dtype) / (1.0 - dropout_p)
-    return att @ v
+def _composition(causal, scale, p, seed):
+    """The node's math under its keep mask, as a differentiable function of q, k, v."""
+    def fn(q, k, v):
+        keep = None
+        if p > 0.0:
+            B, H, Tq, _ = q.shape
+            keep = dropout_keep_mask(seed, B, H, Tq, k.shape[2], p)
+        return attention_reference(q, k, v, causal=causal, scale=scale, dropout_p=p, keep=keep)
+    return fn
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, dropout_p, seed):
-        from ..backends.cpu import attention_forward
-
-        o, lse = attention_forward(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        o, lse = _cpu.attention_forward(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p,
+                                        seed=seed)
         ctx.cfg = (causal, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
     @staticmethod
     def backward(ctx, g):
-        from ..backends.cpu import attention_backward
-
         causal, scale, p, seed = ctx.cfg
         q, k, v, o, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph is requested: differentiate the reference
+            grads = graph_backward(_composition(causal, scale, p, seed), (q, k, v),
+                                   ctx.needs_input_grad[:3], (g,))
+            return (*grads, None, None, None, None)
         if g.stride(-1) != 1:
             g = g.contiguous()
-        dq, dk, dv = attention_backward(g, q, k, v, o, lse, causal=causal, scale=scale,
-                                        dropout_p=p, seed=seed)
+        dq, dk, dv = _cpu.attention_backward(g, q, k, v, o, lse, causal=causal, scale=scale,
+                                             dropout_p=p, seed=seed)
         return dq, dk, dv, None, None, None, None
 
 
@@ -108,6 +110,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if seed is None:
         seed = draw_seed() if dropout_p > 0.0 else 0
+    refuse_functorch("fused_attention", "cpu", q, k, v)
     return _FusedAttention.apply(q, k, v, bool(causal), s, float(dropout_p), int(seed))
 
 

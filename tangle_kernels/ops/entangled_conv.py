@@ -12,6 +12,10 @@ masked convolution); what this op adds over the plain composition:
 - the backward runs the superpose backward kernels on the weight and bias gradients
   (``dW``, ``db``, ``d mix = B^T P``) right after the convolution's backward.
 
+When a graph is requested (``create_graph=True``) the backward differentiates the
+plain composition instead of running the kernels: twice differentiable, with the
+composition's second derivatives.
+
 Under ``torch.compile``, under autocast (where ``F.conv2d``'s own casts define the
 numerics), with the ``reference`` backend (the oracle) and when nothing needs a
 gradient it is the plain composition.
@@ -26,7 +30,9 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
+from ._autograd import graph_backward, refuse_functorch
 from .superpose import (
+    _check_backend,
     _check_inputs,
     _eager_backward,
     _eager_forward,
@@ -45,24 +51,39 @@ def _pair(v, name: str) -> tuple[int, int]:
     return v
 
 
+def _composition(layout, bias_layout, name, conv):
+    """``F.conv2d(x, superpose(W), superpose(b))`` as a function of the node's inputs
+    (the second-order route of :class:`_ConvFn`)."""
+    def fn(x, weight, bias, mix, bias_mix):
+        b = bias
+        if bias is not None and bias_layout is not None:
+            b = superpose(bias, bias_mix, bias_layout, backend=name)
+        return F.conv2d(x, superpose(weight, mix, layout, backend=name), b, *conv)
+    return fn
+
+
 class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mix, bias_mix, layout, bias_layout, name, conv):
         w_mix, t, ctx.kern = _eager_forward(weight, mix, layout, name)
-        b_mix, tb = bias, None
+        b_mix = bias
         if bias is not None and bias_layout is not None:
-            b_mix, tb, ctx.bkern = _eager_forward(bias, bias_mix, bias_layout, name)
+            b_mix, _, ctx.bkern = _eager_forward(bias, bias_mix, bias_layout, name)
             ctx.bmix_dtype = bias_mix.dtype
         y = F.conv2d(x, w_mix, b_mix, *conv)
-        ctx.save_for_backward(x, weight, t, bias, tb)
-        ctx.impl, ctx.mix_dtype, ctx.conv = backends.get(name), mix.dtype, conv
+        ctx.save_for_backward(x, weight, t, bias, mix, bias_mix)
+        ctx.impl, ctx.mix_dtype, ctx.conv = backends.get("superpose", name), mix.dtype, conv
+        ctx.layouts, ctx.name = (layout, bias_layout), name
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, t, bias, tb = ctx.saved_tensors
+        x, weight, t, bias, mix, bias_mix = ctx.saved_tensors
         need_x, need_w, need_b, need_mix, need_bmix = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # a graph is requested: differentiate the composition
+            fn = _composition(*ctx.layouts, ctx.name, ctx.conv)
+            grads = graph_backward(fn, (x, weight, bias, mix, bias_mix), ctx.needs_input_grad[:5], (dy,))
+            return (*grads, None, None, None, None)
         stride, padding, dilation, groups = ctx.conv
         has_b = bias is not None
         want_gw = need_w or need_mix
@@ -73,10 +94,11 @@ class _ConvFn(torch.autograd.Function):
         )
         dw = db = dmix = dbmix = None
         if want_gw:
-            dw, dmix = _eager_backward(ctx.impl, gw, weight, t, ctx.kern, ctx.mix_dtype, need_mix)
+            dw, dmix = _eager_backward(ctx.impl, gw, weight, mix, ctx.kern, ctx.mix_dtype, need_w, need_mix)
         if want_gb:
-            if tb is not None:
-                db, dbmix = _eager_backward(ctx.impl, gb, bias, tb, ctx.bkern, ctx.bmix_dtype, need_bmix)
+            if bias_mix is not None:
+                db, dbmix = _eager_backward(ctx.impl, gb, bias, bias_mix, ctx.bkern, ctx.bmix_dtype,
+                                            need_b, need_bmix)
             else:
                 db = gb
         return (gi if need_x else None), (dw if need_w else None), (db if need_b else None), dmix, dbmix, \
@@ -116,11 +138,14 @@ def entangled_conv2d(
         raise ValueError("bias_mix and bias_layout: give both or neither")
     if bias_layout is not None and bias is None:
         raise ValueError("bias_layout given but bias is None")
+    _check_backend(backend)
     conv = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups))
     _check_inputs(weight, mix, layout)
     if bias_layout is not None:
         _check_inputs(bias, bias_mix, bias_layout)
-    name = backends.resolve(backend, weight.device)
+    name = backends.resolve("superpose", backend, weight.device)
+    if name != "reference":
+        refuse_functorch("entangled_conv2d", name, x, weight, bias, mix, bias_mix)
     if _layer_node_route(name, x, weight, bias, (x, weight, bias, mix, bias_mix)):
         return _ConvFn.apply(x, weight, bias, mix, bias_mix, layout, bias_layout, name, conv)
     w = superpose(weight, mix, layout, backend=backend)

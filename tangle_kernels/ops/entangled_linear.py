@@ -10,9 +10,9 @@ Two paths, chosen by ``backend``:
   along each GEMM's reduction dimension, so it is applied to the accumulator: the
   main loop runs over the maximal runs of one mask group as a plain pipelined GEMM
   and scales each run's partial tile by the run's mask column (see
-  backends/triton_linear.py). Backward: ``dx = dy @ W_mix`` the same way over the
+  backends/triton/linear.py). Backward: ``dx = dy @ W_mix`` the same way over the
   row runs, and ``G = dy^T @ x`` whose epilogue writes ``dW = G * T[cell]`` and
-  reduces ``P[c] = sum_cell G * W`` (``d mix = B^T P``): one GEMM per output and no
+  reduces ``P[c] = sum_cell G * W`` (``d mix_k = sum_{c in k} P[c]``): one GEMM per output and no
   extra weight-sized pass. The bias is superposed by ``superpose`` (a vector) and
   added in the forward epilogue; ``d b_mix = dy.sum(0)``. Eager calls go through one
   ``torch.autograd.Function``; under ``torch.compile`` the custom ops
@@ -30,18 +30,19 @@ Two paths, chosen by ``backend``:
   ``reference`` oracle.
 
 Which is faster where: on CPU the unfused path (there is no fused CPU GEMM). On GPU
-the fused path saves the weight-sized passes of the superpose kernels (W_mix written
-and re-read, W_mix recomputed: 6 weight-sized passes in fwd+bwd, 2-6% of the GEMM
-time of a GPT-2 MLP layer at 8k tokens, float32 to bfloat16), so it can only win
-where its Triton GEMM is within a few percent of cuBLAS. The H100 run of the previous
-fused kernel was 10.3x the F.linear time, and the current one (one pipelined main
-loop over all K tiles when the runs start at multiples of the K tile) has not yet
-run on a GPU. So the automatic
-choice on CUDA is the unfused path (cuBLAS GEMMs + the CUDA superpose kernels, which
-have), and the fused GEMM is opt-in: ``backend="triton"``, or
-``TANGLE_FUSED_LINEAR=1`` for the automatic choice. The GPU lane measures both
-(scripts/gpu_probe.py rows ``fused_triton`` and ``superpose_cuda+F.linear``;
-benchmarks ``ours[triton]`` and ``ours[cuda]``).
+the fused path saves the weight-sized passes of the superpose kernels (W_mix written,
+re-read and recomputed), which are a small part of a large layer's GEMM time, so it
+can only win where its Triton GEMM is about as fast as cuBLAS; until the GPU lane
+shows that (benchmarks/results/, rows ``ours[triton]`` and ``ours[cuda]``;
+scripts/gpu_probe.py rows ``fused_triton`` and ``superpose_cuda+F.linear``), the
+automatic choice on CUDA is the unfused path (cuBLAS GEMMs + the CUDA superpose
+kernels) and the fused GEMM is opt-in: ``backend="triton"``, or
+``TANGLE_FUSED_LINEAR=1`` for the automatic choice.
+
+Second order: when a graph is requested (``create_graph=True``) both nodes
+differentiate their composition ``F.linear(x, superpose(W, mix), b_mix)`` instead of
+running their kernels, so the op is twice differentiable with the composition's
+second derivatives. ``torch.func`` transforms run only with ``backend="reference"``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,17 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..layout import Layout
+from ._autograd import graph_backward, refuse_functorch
 from .superpose import (
     _cell_values,
+    _check_backend,
     _check_inputs,
     _eager_backward,
     _eager_forward,
     _layer_node_route,
     _mix_grad,
     _recompute,
+    _zero_uncovered,
     superpose,
 )
 
@@ -75,9 +79,8 @@ def bias_layout(layout: Layout) -> Layout:
 
 
 def _triton_linear():
-    from ..backends import triton_linear
-
-    return triton_linear
+    backends._module_check("linear", "triton")  # imported outside a torch.compile trace
+    return backends.get("linear", "triton")
 
 
 # ------------------------------------------------------------------ custom ops
@@ -145,7 +148,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x2d, weight, t, rowgrp, colgrp, runs, rowruns = ctx.saved_tensors
-    dx, dw, p = entangled_linear_backward(dy, x2d, weight, t, rowgrp, colgrp, runs, rowruns, ctx.aligned_rows)
+    if torch.is_grad_enabled():  # a graph is requested: differentiable terms
+        from .superpose import _cell_sums, superpose_forward
+
+        w_mix = superpose_forward(weight, t, rowgrp, colgrp, runs, "torch")
+        g = dy.t() @ x2d
+        dx = dy @ w_mix
+        dw = superpose_forward(g, t, rowgrp, colgrp, runs, "torch")
+        p = _cell_sums(g * weight, rowgrp, colgrp, t)
+    else:
+        dx, dw, p = entangled_linear_backward(dy, x2d, weight, t, rowgrp, colgrp, runs, rowruns,
+                                              ctx.aligned_rows)
     db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.has_bias else None
     return dx, dw, p, None, None, None, None, None, None, db
 
@@ -153,75 +166,104 @@ def _backward(ctx, dy):
 entangled_linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fused_composition(layout):
+    """The fused node's math as a differentiable composition (its second-order route)."""
+    def fn(x2d, weight, mix, b_mix):
+        return F.linear(x2d, superpose(weight, mix, layout, backend="torch"), b_mix)
+    return fn
+
+
 class _FusedLinearFn(torch.autograd.Function):
     """Eager route of the fused path (no custom-op dispatch, ``T`` outside autograd):
-    ``(x2d, weight, mix, b_mix) -> y``; backward ``(dx, dW, d mix = B^T P, d b_mix)``."""
+    ``(x2d, weight, mix, b_mix) -> y``; backward ``(dx, dW, d mix = sum_{c in k} P[c],
+    d b_mix)``, or the composition's gradients with their graph when one is requested."""
 
     @staticmethod
     def forward(ctx, x2d, weight, mix, b_mix, layout):
         tabs = layout.tables(weight.device)
         t = _cell_values(tabs["B32"], mix, torch.float32).view(layout.nrg, layout.ncg)
         aligned, starts = layout.run_alignment, layout.run_start_align
-        y = _triton_linear().linear_forward(x2d, weight, t, tabs, b_mix, aligned=aligned[0],
+        w_in = _zero_uncovered(weight, layout, 0) if layout.uncovered else weight
+        y = _triton_linear().linear_forward(x2d, w_in, t, tabs, b_mix, aligned=aligned[0],
                                             start_align=starts[0])
-        ctx.save_for_backward(x2d, weight, t)
+        ctx.save_for_backward(x2d, weight, mix, b_mix)
         ctx.tabs, ctx.aligned, ctx.B, ctx.mix_dtype = tabs, aligned, tabs["B32"], mix.dtype
-        ctx.starts = starts
+        ctx.starts, ctx.layout = starts, layout
         ctx.bias_dtype = b_mix.dtype if b_mix is not None else None
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x2d, weight, t = ctx.saved_tensors
+        x2d, weight, mix, b_mix = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*graph_backward(_fused_composition(ctx.layout), (x2d, weight, mix, b_mix),
+                                    ctx.needs_input_grad[:4], (dy,)), None)
+        layout = ctx.layout
+        t = layout.masked_cell_values(mix.detach(), torch.float32)
         dx, dw, p = _triton_linear().linear_backward(dy, x2d, weight, t, ctx.tabs, aligned_rows=ctx.aligned[1],
                                                      start_align_rows=ctx.starts[1])
-        dmix = _mix_grad(ctx.B, p, ctx.mix_dtype) if ctx.needs_input_grad[2] else None
+        if layout.uncovered:
+            dw = _zero_uncovered(dw, layout, 0)
+        dmix = _mix_grad(ctx.tabs, ctx.B, p, ctx.mix_dtype) if ctx.needs_input_grad[2] else None
         db = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, dmix, db, None
 
 
+def _unfused_composition(layout, name):
+    """``F.linear(x, superpose(W), superpose(b))`` as a function of the node's inputs
+    (the second-order route of :class:`_UnfusedLinearFn`)."""
+    def fn(x, weight, bias, mix):
+        b_mix = superpose(bias, mix, bias_layout(layout), backend=name) if bias is not None else None
+        return F.linear(x, superpose(weight, mix, layout, backend=name), b_mix)
+    return fn
+
+
 class _UnfusedLinearFn(torch.autograd.Function):
     """Eager route of the unfused path in ONE autograd node: the superpose kernels of
     W and b, then ``F.linear``; backward: ``dx = dy W_mix`` (W_mix recomputed),
-    ``G = dy^T x``,
-    ``g_b = sum dy``, then the superpose backward kernels of W and b (``dW``, ``db``,
-    ``d mix = B^T P_W + B_b^T P_b``). The same kernels and GEMMs as
-    ``F.linear(x, superpose(W), superpose(b))`` with a third of the autograd nodes,
-    which is most of the per-call cost of a small layer."""
+    ``G = dy^T x``, ``g_b = sum dy``, then the superpose backward kernels of W and b
+    (``dW``, ``db``, ``d mix = sum_{c in k} (P_W + P_b)[c]``). The same kernels and GEMMs
+    as ``F.linear(x, superpose(W), superpose(b))`` with a third of the autograd nodes,
+    which is most of the per-call cost of a small layer. When a graph is requested the
+    backward differentiates that composition instead (twice differentiable)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mix, layout, name):
         w_mix, t, ctx.kern = _eager_forward(weight, mix, layout, name)
-        b_mix = tb = None
+        b_mix = None
         if bias is not None:
-            b_mix, tb, ctx.bkern = _eager_forward(bias, mix, bias_layout(layout), name)
-        # W_mix is not saved: backward recomputes it for dx (one weight-sized pass, ~1%
-        # of the layer's GEMMs), so no layer holds a superposed copy of its weight from
-        # its forward to its backward (F.linear on superpose's output would).
-        ctx.save_for_backward(x, weight, t, bias, tb)
-        ctx.impl, ctx.mix_dtype = backends.get(name), mix.dtype
+            b_mix, _, ctx.bkern = _eager_forward(bias, mix, bias_layout(layout), name)
+        # W_mix is not saved: backward recomputes it for dx (one weight-sized pass), so no
+        # layer holds a superposed copy of its weight from its forward to its backward
+        # (F.linear on superpose's output would).
+        ctx.save_for_backward(x, weight, t, bias, mix)
+        ctx.impl, ctx.mix_dtype = backends.get("superpose", name), mix.dtype
+        ctx.layout, ctx.name = layout, name
         return F.linear(x, w_mix, b_mix)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, t, bias, tb = ctx.saved_tensors
+        x, weight, t, bias, mix = ctx.saved_tensors
         need_x, need_w, need_b, need_mix = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            return (*graph_backward(_unfused_composition(ctx.layout, ctx.name),
+                                    (x, weight, bias, mix), (need_x, need_w, need_b, need_mix),
+                                    (dy,)), None, None)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = dmix = None
         if need_x:
             dx = (dy2 @ _recompute(ctx.impl, weight, t, ctx.kern)).view(x.shape)
         if need_w or need_mix:
             g = dy2.t() @ x.reshape(-1, x.shape[-1])
-            dw, dmix = _eager_backward(ctx.impl, g, weight, t, ctx.kern, ctx.mix_dtype, need_mix)
+            dw, dmix = _eager_backward(ctx.impl, g, weight, mix, ctx.kern, ctx.mix_dtype, need_w, need_mix)
         if bias is not None and (need_b or need_mix):
-            db, dmix_b = _eager_backward(ctx.impl, dy2.sum(0), bias, tb, ctx.bkern, ctx.mix_dtype, need_mix)
+            db, dmix_b = _eager_backward(ctx.impl, dy2.sum(0), bias, mix, ctx.bkern, ctx.mix_dtype,
+                                         need_b, need_mix)
             if need_mix:
                 dmix = dmix + dmix_b
-        return dx, (dw if need_w else None), (db if need_b else None), dmix, None, None
+        return dx, dw, db, dmix, None, None
 
 
 def _unfused(x, weight, bias, mix, layout, backend):
@@ -230,7 +272,9 @@ def _unfused(x, weight, bias, mix, layout, backend):
     reference backend (the oracle) and under autocast (where ``F.linear``'s own casts
     and saved tensors define the numerics)."""
     _check_inputs(weight, mix, layout)
-    name = backends.resolve(backend, weight.device)
+    name = backends.resolve("superpose", backend, weight.device)
+    if name != "reference":
+        refuse_functorch("entangled_linear", name, x, weight, bias, mix)
     if _layer_node_route(name, x, weight, bias, (x, weight, bias, mix)):
         if bias is not None:
             _check_inputs(bias, mix, bias_layout(layout))
@@ -259,13 +303,13 @@ def _use_fused(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> bo
     cores (16-bit inputs, or float32 with ``torch.backends.cuda.matmul.allow_tf32``)."""
     explicit = backend if backend is not None else (os.environ.get(backends.ENV_VAR) or None)
     if explicit is not None:
-        if backends.resolve(backend, weight.device) != "triton":
+        if backends.resolve("superpose", backend, weight.device) != "triton":
             return False
     elif os.environ.get(FUSED_ENV, "0") in ("", "0"):
         return False
-    elif weight.device.type != "cuda" or backends.why_unavailable("triton", weight.device) is not None:
+    elif weight.device.type != "cuda" or backends.why_unavailable("linear", "triton", weight.device) is not None:
         return False
-    from ..backends import triton_linear
+    triton_linear = _triton_linear()
 
     dt = _compute_dtype(x, weight)
     why = None
@@ -316,6 +360,7 @@ def entangled_linear(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_backend(backend)
     if not _use_fused(backend, x, weight):
         return _unfused(x, weight, bias, mix, layout, backend)
 
@@ -331,12 +376,15 @@ def entangled_linear(
         b_mix = superpose(bias, mix, bias_layout(layout), backend=backend)
     x2d = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
-        t = layout.cell_values(mix, torch.float32)
+        t = layout.masked_cell_values(mix, torch.float32)
         tabs = layout.tables(weight.device)
         ac, ar = layout.run_alignment
+        w_in = _zero_uncovered(weight, layout, 0) if layout.uncovered else weight
         y = entangled_linear_forward(
-            x2d, weight, t, tabs["rowgrp"], tabs["colgrp"], tabs["runs"], tabs["rowruns"], ac, ar, b_mix
+            x2d, w_in, t, tabs["rowgrp"], tabs["colgrp"], tabs["runs"], tabs["rowruns"], ac, ar, b_mix
         )
+        y = y + (mix.to(torch.float32) * 0).sum().to(y.dtype)  # the padded sum's 0 * mix
     else:
+        refuse_functorch("entangled_linear", "triton", x2d, weight, mix)
         y = _FusedLinearFn.apply(x2d, weight, mix, b_mix, layout)
     return y.reshape(*x.shape[:-1], weight.shape[0])

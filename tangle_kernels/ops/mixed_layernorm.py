@@ -1,5 +1,6 @@
-"""The superposed LayerNorm of :class:`~tangle_kernels.nn.EntangledLayerNorm` as one
-autograd node on CPU (C++ kernels, csrc/cpu/layernorm_mix_cpu.cpp).
+"""The superposed LayerNorm of :class:`~tangle_kernels.nn.EntangledLayerNorm`: the op
+:func:`entangled_layer_norm` and its routing; on CPU one autograd node of C++ kernels
+(backends/cpu/layernorm.py, csrc/cpu/layernorm_mix_cpu.cpp).
 
 Candidate ``k`` normalises its own prefix ``x[..., :c_k]``; the soft forward is::
 
@@ -11,15 +12,25 @@ with per row and segment ``A = sum_k mix_k rstd_k``, ``Bv = sum_k mix_k mu_k rst
 kernel reads each row once into cache, forms the K candidates' statistics from it and
 writes ``y``; the backward does the same for ``dx``, with the column sums ``dw``, ``d
 b_mix`` and the candidate sums ``d mix`` reduced in fixed chunks (bitwise deterministic
-for any thread count). The torch composition of ``EntangledLayerNorm.mixed_xhat`` is
-the path elsewhere (CUDA, half precision, autocast, torch.compile) and the oracle.
+for any thread count). The torch composition
+(:func:`~tangle_kernels.backends.reference.mixed_layernorm_reference`) is the path
+elsewhere (CUDA, half precision, autocast, torch.compile) and the oracle.
+
+Second order: when a graph is requested the node differentiates that composition
+(twice differentiable, the composition's second derivatives).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["mixed_layer_norm", "fused_available"]
+from .. import backends
+from ..backends.reference import mixed_layernorm_reference, mixed_xhat
+from ..layout import Layout
+from ._autograd import graph_backward, refuse_functorch
+from .superpose import superpose
+
+__all__ = ["entangled_layer_norm", "mixed_layer_norm", "fused_available"]
 
 
 def fused_available(x: torch.Tensor) -> bool:
@@ -28,15 +39,25 @@ def fused_available(x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    from .._ext import _C
+    return backends.resolve("layernorm", None, x.device) == "cpu"
 
-    return _C is not None and hasattr(_C, "mixed_layernorm_cpu")
+
+_LAYOUTS: dict = {}
+
+
+def _prefix_layout(E: int, widths: tuple[int, ...]) -> Layout:
+    """The 1-D layout of the prefixes ``[0, c_k)`` (cached)."""
+    key = (E, widths)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        lay = _LAYOUTS[key] = Layout((E,), [[(0, c)] for c in widths])
+    return lay
 
 
 class _MixedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bmix, mix, widths, eps):
-        from ..backends.cpu import mixed_layernorm_forward
+        from ..backends.cpu.layernorm import forward as mixed_layernorm_forward
 
         E = x.shape[-1]
         x2 = x.reshape(-1, E)
@@ -46,18 +67,29 @@ class _MixedLayerNorm(torch.autograd.Function):
         b = bmix.detach().to(x.dtype).contiguous() if bmix is not None else None
         m = mix.detach().double().tolist()
         y, mu, rstd = mixed_layernorm_forward(x2, widths, m, eps, w, b)
-        ctx.widths, ctx.m, ctx.shape = widths, m, x.shape
+        ctx.widths, ctx.m, ctx.shape, ctx.eps = widths, m, x.shape, eps
         ctx.dtypes = (weight.dtype if weight is not None else None,
                       bmix.dtype if bmix is not None else None, mix.dtype)
         ctx.has_w, ctx.has_b = weight is not None, bmix is not None
-        ctx.save_for_backward(x2, w if w is not None else x2.new_empty(0), mu, rstd)
+        ctx.save_for_backward(x2, w if w is not None else x2.new_empty(0), mu, rstd, x, weight,
+                              bmix, mix)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, g):
-        from ..backends.cpu import mixed_layernorm_backward
+        from ..backends.cpu.layernorm import backward as mixed_layernorm_backward
 
-        x2, w, mu, rstd = ctx.saved_tensors
+        x2, w, mu, rstd, x, weight, bmix, mix = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph is requested: differentiate the composition
+            lay = _prefix_layout(x.shape[-1], ctx.widths)
+
+            def fn(x, weight, bmix, mix):
+                y = mixed_xhat(x, mix, lay, ctx.eps)
+                y = y * weight if weight is not None else y
+                return y + bmix if bmix is not None else y
+
+            return (*graph_backward(fn, (x, weight, bmix, mix), ctx.needs_input_grad[:4], (g,)),
+                    None, None)
         w = w if ctx.has_w else None
         E = x2.shape[-1]
         g2 = g.reshape(-1, E)
@@ -81,7 +113,23 @@ class _MixedLayerNorm(torch.autograd.Function):
 
 def mixed_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bmix: torch.Tensor | None,
                      mix: torch.Tensor, widths, eps: float) -> torch.Tensor:
-    """``x [..., E]`` -> the superposed LayerNorm (module docstring); ``widths[k]`` is
-    candidate ``k``'s prefix width, ``mix [K]`` its weight. CPU float32/float64 only
-    (see :func:`fused_available`)."""
+    """The CPU node: ``x [..., E]`` -> the superposed LayerNorm (module docstring) with
+    the superposed bias ``bmix`` given; ``widths[k]`` is candidate ``k``'s prefix width,
+    ``mix [K]`` its weight. CPU float32/float64 only (see :func:`fused_available`)."""
+    refuse_functorch("mixed_layer_norm", "cpu", x, weight, bmix, mix)
     return _MixedLayerNorm.apply(x, weight, bmix, mix, tuple(int(c) for c in widths), float(eps))
+
+
+def entangled_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         mix: torch.Tensor, layout: Layout, eps: float) -> torch.Tensor:
+    """``sum_k mix_k * pad(layer_norm(x[..., :c_k], w[:c_k], b[:c_k]))`` for the 1-D
+    prefix ``layout`` of the widths ``c_k``: the CPU node where it can run
+    (:func:`fused_available`), the composition
+    (:func:`~tangle_kernels.backends.reference.mixed_layernorm_reference`, its bias
+    by :func:`superpose`) elsewhere."""
+    if fused_available(x):
+        bmix = superpose(bias, mix, layout) if bias is not None else None
+        widths = [hi for ((lo, hi),) in layout.boxes]
+        return mixed_layer_norm(x, weight, bmix, mix, widths, eps)
+    y = mixed_layernorm_reference(x, weight, None, mix, layout, eps)
+    return y + superpose(bias, mix, layout) if bias is not None else y

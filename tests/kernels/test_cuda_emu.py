@@ -9,7 +9,7 @@ workspace and its reduction, the 16-byte vector path and its fallback) is checke
 with the grid's blocks run in order, reversed or shuffled (the emulator's block order),
 against the C++ CPU kernel (bitwise for W_mix and dW) and a float64 oracle
 (P). What the emulation cannot check (memory-model races beyond barriers, speed)
-is left to tests/test_gpu.py on a real GPU.
+is left to the GPU cases of tests/ops/test_superpose.py (mark gpu) on a real GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 import tangle_kernels as tk
 from tangle_kernels import _ext
-from tangle_kernels.backends.cpu import DTYPE_CODES
+from tangle_kernels._ext import DTYPE_CODES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
@@ -34,7 +34,7 @@ I64 = ctypes.c_int64
 
 
 class Emu:
-    """The emulated kernels with the calling convention of backends/cuda.py."""
+    """The emulated kernels with the calling convention of backends/cuda/superpose.py."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -118,7 +118,7 @@ def emu(tmp_path_factory):
 def _cpu_kernel():
     if not _ext.has_cpu_ext():
         pytest.skip("the C++ extension is not built")
-    from tangle_kernels.backends import cpu
+    from tangle_kernels.backends.cpu import superpose as cpu
 
     return cpu
 

@@ -41,7 +41,7 @@ def test_fused_linear_compiles_pipelined_for_sm90(kernel, tmp_path):
 LAUNCH_PROBE = """
 import json
 import tangle_kernels as tk
-from tangle_kernels.backends import triton_linear as TL
+from tangle_kernels.backends.triton import linear as TL
 
 assert not TL._INTERPRET and not TL.autotune_enabled()
 seen = []

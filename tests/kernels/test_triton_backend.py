@@ -3,7 +3,7 @@ padded-sum oracle.
 
 CPU lane: runs under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) on tiny
 shapes. GPU lane (``TANGLE_GPU_LANE=1`` with a CUDA device): the same tests run on
-the GPU. Mirrors tangle_kernels/backends/triton_superpose.py.
+the GPU. Mirrors tangle_kernels/backends/triton/superpose.py.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ DEV = "cuda" if LANE and torch.cuda.is_available() else "cpu"
 # usable: a failure to import the kernels (triton_superpose.py, triton_linear.py) is a
 # test failure (test_triton_backend_is_available), never a skip.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_why = backends.why_unavailable("triton", torch.device(DEV)) if _TRITON_INSTALLED else "not installed"
+_why = backends.why_unavailable("superpose", "triton", torch.device(DEV)) if _TRITON_INSTALLED else "not installed"
 pytestmark = pytest.mark.skipif(not _TRITON_INSTALLED, reason="triton is not installed")
 
 
 def test_triton_backend_is_available():
     assert _why is None, f"triton is installed but its backend cannot run on {DEV}: {_why}"
-    from tangle_kernels.backends import triton_linear, triton_superpose  # noqa: F401
+    from tangle_kernels.backends.triton import linear as triton_linear, superpose as triton_superpose  # noqa: F401
 
 
 def oracle(w, mix, layout, grad):
@@ -133,7 +133,8 @@ def test_gradcheck_float64():
 
 
 def test_both_p_modes_and_noncontiguous():
-    from tangle_kernels.backends import torch_backend, triton_superpose
+    from tangle_kernels.backends.pytorch import superpose as torch_backend
+    from tangle_kernels.backends.triton import superpose as triton_superpose
 
     lay = tk.Layout.conv((6, 5, 7, 7), [3, 6], [2, 5], [3, 5, 7])
     tabs = lay.tables(DEV)
@@ -224,7 +225,7 @@ def test_dmix_deterministic(monkeypatch):
     stable whatever order the programs run in; the atomic mode, whose float32 atomic
     adds follow the program order, is allowed to differ, and on the CPU lane it does
     under one of the orders (so the orders really were different schedules)."""
-    from tangle_kernels.backends import triton_superpose
+    from tangle_kernels.backends.triton import superpose as triton_superpose
 
     monkeypatch.setenv("TANGLE_DETERMINISTIC", "1")
     lay = tk.Layout.conv((16, 12, 7, 7), [4, 16], [3, 12], [3, 5, 7])
@@ -336,7 +337,7 @@ class _FlatSpy:
 
 
 def spy_flat(monkeypatch):
-    from tangle_kernels.backends import triton_linear as TL
+    from tangle_kernels.backends.triton import linear as TL
 
     seen: list[bool] = []
     monkeypatch.setattr(TL, "_masked_linear_kernel", _FlatSpy(TL._masked_linear_kernel, seen))
@@ -361,7 +362,7 @@ def test_fused_linear_flat_pipeline_equals_per_run_loop(lay, monkeypatch):
     checked by spying on the kernel launches, and it gives the per-run loop's result and
     the padded-sum oracle's, with a partial last tile ("grid-tail": K = 80), a one-hot
     mix (runs masked to exactly 0) and NaN."""
-    from tangle_kernels.backends import triton_linear as TL
+    from tangle_kernels.backends.triton import linear as TL
 
     ca, ra = lay.run_start_align
     assert ca >= 64 and ra >= 64, lay.run_start_align
@@ -398,7 +399,7 @@ def test_fused_linear_p_modes_deterministic_and_no_bias(monkeypatch):
     padded-sum oracle (d mix = B^T P against the oracle's d mix; the total of P against
     sum(G * W), which needs no table); the deterministic mode is bitwise stable under
     any program order, the atomic one agrees to rounding."""
-    from tangle_kernels.backends import triton_linear
+    from tangle_kernels.backends.triton import linear as triton_linear
     from tangle_kernels.ops.entangled_linear import entangled_linear
 
     lay = LINEAR_LAYOUTS[0]
@@ -478,7 +479,7 @@ def test_fused_linear_automatic_policy(monkeypatch):
 
     el = importlib.import_module("tangle_kernels.ops.entangled_linear")
     monkeypatch.delenv("TANGLE_KERNELS_BACKEND", raising=False)
-    monkeypatch.setattr(el.backends, "why_unavailable", lambda name, dev: None)
+    monkeypatch.setattr(el.backends, "why_unavailable", lambda op, name, dev: None)
     monkeypatch.setattr(el.backends, "triton_interpret", lambda: False)
     dev = torch.device("cuda", 0)
 

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from tol_util import DEV, gpu, gpu_lane  # noqa: F401  (gpu_lane: the GPU cases' fixture)
 
 from tangle_kernels.ops import head_partition as hp
 from tangle_kernels.ops.head_partition import (
@@ -172,10 +173,10 @@ def test_errors():
         partition_attention(qkv[..., :30], a, b, plan)
     with pytest.raises(ValueError, match=r"a, b: expected shapes \(2,\) and \(1,\)"):
         partition_attention(qkv, a[:1], b, plan)
-    from tangle_kernels.backends.cpu import head_partition
+    from tangle_kernels.backends.cpu.head_partition import head_gather
 
     with pytest.raises(ValueError, match="float32/float64"):
-        head_partition(False, qkv.detach().half()[..., :12], torch.empty(2, 5, 2, 6).half(),
+        head_gather(qkv.detach().half()[..., :12], torch.empty(2, 5, 2, 6).half(),
                        2, [3, 6], [1.0, 1.0], accumulate=False)
 
 
@@ -187,7 +188,7 @@ def test_non_contiguous_qkv():
     torch.testing.assert_close(
         partition_attention(wide, a, b, plan), partition_attention_reference(wide, a, b, plan)
     )
-    assert hp._kernels_available()
+    assert hp._kernels_available(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -196,7 +197,7 @@ def test_scatter_multi_equals_one_scatter_per_head_count(dtype):
     the bits of one scatter per head count in order (the first writes, the rest add) and
     the same dots; strided sources and dst (q|k|v parts), rows above the parallel
     threshold, a width that leaves columns to zero-fill."""
-    from tangle_kernels.backends.cpu import head_partition, head_scatter_multi
+    from tangle_kernels.backends.cpu.head_partition import head_scatter, head_scatter_multi
 
     g = torch.Generator().manual_seed(11)
     B, T, E = 3, 200, 48
@@ -207,7 +208,7 @@ def test_scatter_multi_equals_one_scatter_per_head_count(dtype):
     X = torch.randn(B, T, 3, E, generator=g, dtype=dtype)
     want = torch.full((B, T, 3, E), float("nan"), dtype=dtype)
     got = want.clone()
-    dots_want = [head_partition(True, s, want[:, :, 2], h, w, c, accumulate=j > 0, other=X[:, :, 0])
+    dots_want = [head_scatter(s, want[:, :, 2], h, w, c, accumulate=j > 0, other=X[:, :, 0])
                  for j, (s, h, w, c) in enumerate(zip(srcs, heads, widths, coefs))]
     dots_got = head_scatter_multi(srcs, got[:, :, 2], heads, widths, coefs, accumulate=False,
                                   other=X[:, :, 0])
@@ -233,7 +234,7 @@ def test_gather_multi_equals_one_gather_each(dtype):
     of one gather each: strided sources (q|k|v parts) and destinations, mixed head counts
     and widths (a candidate narrower than the slot: zero-filled), rows above the parallel
     threshold, any thread count; mismatched rows are refused."""
-    from tangle_kernels.backends.cpu import head_gather_multi, head_partition
+    from tangle_kernels.backends.cpu.head_partition import head_gather, head_gather_multi
 
     g = torch.Generator().manual_seed(12)
     B, T, E = 3, 200, 48
@@ -244,7 +245,7 @@ def test_gather_multi_equals_one_gather_each(dtype):
     coefs = [[float(torch.rand(1, generator=g)) for _ in embeds] for _ in heads]
     want = [torch.full((B, T, 3, h, E // h), float("nan"), dtype=dtype)[:, :, 1] for h in heads]
     for s, d, h, w, c in zip(srcs, want, heads, widths, coefs):
-        head_partition(False, s, d, h, w, c, accumulate=False)
+        head_gather(s, d, h, w, c, accumulate=False)
     n = torch.get_num_threads()
     for threads in (1, 2):
         got = [torch.full((B, T, 3, h, E // h), float("nan"), dtype=dtype)[:, :, 1] for h in heads]
@@ -264,3 +265,36 @@ def test_gather_multi_equals_one_gather_each(dtype):
     with pytest.raises(ValueError, match="same rows"):
         head_gather_multi([X[:, :, 0], X[:1, :, 0]], [want[0], want[1][:1]], heads[:2], widths[:2],
                           coefs[:2])
+
+
+# ------------------------------------------------------------------ GPU cases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_bucket", [16, 32, 128])
+@gpu
+def test_nanogpt_attention_grouped_vs_loop_gpu(dtype, head_bucket):
+    """The grouped nanoGPT-mode attention (one SDPA call per head-width group, flash
+    or memory-efficient kernels on GPU, head widths such as 72 padded to 80 / 96)
+    equals the per-candidate loop on CUDA, forward and gradients."""
+    import tangle_kernels.nn as tnn
+
+    torch.manual_seed(0)
+    m = tnn.EntangledAttention("e", "h", {"e": (96, 144, 192), "h": (2, 3, 4)}, causal=True,
+                               head_bucket=head_bucket).to(DEV, dtype)
+    x = torch.randn(2, 64, 192, device=DEV, dtype=dtype, requires_grad=True)
+    arch = {n: torch.softmax(torch.randn(len(v), device=DEV), 0).requires_grad_(True) for n, v in m.choices.items()}
+
+    def loop(x, arch):
+        q, k, v = m.qkv(x, arch).split(m.inner, dim=-1)
+        return m.proj(m._forward_partitions_loop(q, k, v, m._mix(arch, m.names)), arch)
+
+    ins = [x, *arch.values()]
+    y = m(x, arch)
+    gy = torch.randn_like(y)
+    g1 = torch.autograd.grad(y, ins + list(m.parameters()), gy)
+    y2 = loop(x, arch)
+    g2 = torch.autograd.grad(y2, ins + list(m.parameters()), gy)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(y, y2, **tol)
+    for a, b in zip(g1, g2):
+        scale = b.abs().max().item() + 1e-6
+        assert (a - b).abs().max().item() <= tol["rtol"] * scale + tol["atol"], (a - b).abs().max()

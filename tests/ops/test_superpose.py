@@ -12,15 +12,33 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tol_util import assert_superpose_within, superpose_bounds
+from tol_util import (  # noqa: F401  (gpu_lane, pmode: fixtures of the GPU cases)
+    DEV,
+    GPU_BACKENDS,
+    LAYOUTS,
+    assert_superpose_within,
+    dmix_scale,
+    gpu,
+    gpu_backends,
+    gpu_check,
+    gpu_inputs,
+    gpu_lane,
+    gpu_oracle,
+    gpu_run,
+    pmode,
+    superpose_bounds,
+)
 
 import tangle_kernels as tk
-from tangle_kernels import _ext
+from tangle_kernels import _ext, backends
 from tangle_kernels.backends.reference import superpose_masksum, superpose_reference
 
-CPU_BACKENDS = ["torch"] + (["cpu"] if _ext.has_cpu_ext() else [])
+# The kernel backends that run CPU tensors, from the registry (cpu where built, torch).
+CPU_BACKENDS = [b for b in backends.AUTO_ORDER["cpu"] if b in backends.IMPLS["superpose"]
+                and backends.why_unavailable("superpose", b, torch.device("cpu")) is None]
 # Tolerances: tests/tol_util.py (float64 oracle on the same rounded inputs; bounds from
 # the dtype's unit roundoff and the length of each sum).
 
@@ -221,13 +239,22 @@ def test_eager_route_equals_custom_op_route(backend, dtype):
     assert torch.equal(gm, m1)
 
 
-def test_double_backward_is_refused():
+def test_double_backward_equals_the_reference():
+    """Issue 24: a double backward was refused (once_differentiable); it now runs and
+    equals the padded sum's (the second derivative through d W and d mix)."""
     lay = tk.Layout.prefix((4, 4), [[2, 4], None])
-    w = torch.randn(4, 4, requires_grad=True)
-    m = torch.rand(2, requires_grad=True)
-    (gw,) = torch.autograd.grad(tk.superpose(w, m, lay).square().sum(), w, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    w0 = torch.randn(4, 4, dtype=torch.float64)
+    m0 = torch.rand(2, dtype=torch.float64)
+    got = []
+    for backend in ("reference", *CPU_BACKENDS):
+        w, m = w0.clone().requires_grad_(), m0.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(tk.superpose(w, m, lay, backend=backend).square().sum(), w,
+                                    create_graph=True)
         gw.sum().backward()
+        got.append((w.grad, m.grad))
+    for gw2, gm2 in got[1:]:
+        torch.testing.assert_close(gw2, got[0][0])
+        torch.testing.assert_close(gm2, got[0][1])
 
 
 def test_torch_compile_fullgraph():
@@ -326,9 +353,9 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TANGLE_KERNELS_BACKEND", "torch")
     from tangle_kernels import backends
 
-    assert backends.resolve(None, w.device) == "torch"
+    assert backends.resolve("superpose", None, w.device) == "torch"
     monkeypatch.delenv("TANGLE_KERNELS_BACKEND")
-    assert backends.resolve(None, w.device) == ("cpu" if _ext.has_cpu_ext() else "torch")
+    assert backends.resolve("superpose", None, w.device) == ("cpu" if _ext.has_cpu_ext() else "torch")
 
 
 # ------------------------------------------------------------------- layouts
@@ -359,3 +386,185 @@ def test_grid_order_matches_outer_product():
     # The mask of a prefix layout is the cumulative weight of the candidates covering it.
     M = lay.mask(mix)
     assert M[0, 0] == pytest.approx(1.0) and M[11, 3] == pytest.approx(float(a["e"][1] * a["r"][2]))
+
+
+# ------------------------------------------------------------------ GPU cases
+# (the ``gpu`` mark: skipped without CUDA, run by scripts/gpu_lane.sh)
+@pytest.mark.parametrize("pmode", ["deterministic", "atomic"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@gpu
+def test_random_layouts_vs_oracle_gpu(dtype, pmode):
+    layouts = LAYOUTS if dtype == torch.float32 else LAYOUTS[:20]
+    for i, lay in enumerate(layouts):
+        w, mix, grad = gpu_inputs(lay, dtype, i)
+        exact = gpu_oracle(w, mix, lay, grad)
+        scale = dmix_scale(w, lay, grad)
+        for backend in gpu_backends():
+            got = gpu_run(w, mix, lay, grad, backend)
+            gpu_check(got, exact, scale, dtype, f"{backend} {pmode} {dtype} {lay}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@gpu
+def test_float64_gpu(backend):
+    if backend not in gpu_backends():
+        pytest.skip("CUDA extension not built")
+    for i, lay in enumerate(LAYOUTS[:10]):
+        w, mix, grad = gpu_inputs(lay, torch.float64, i)
+        exact = gpu_oracle(w, mix.double(), lay, grad)
+        got = gpu_run(w, mix.double(), lay, grad, backend)
+        for a, b in zip(got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+BIG = {
+    "gpt2_mlp_3072x768_K9": lambda: tk.Layout.grid(
+        (3072, 768), {"embed": [192, 384, 768], "ratio": [2, 3, 4]},
+        lambda embed, ratio: [(0, embed * ratio), (0, embed)],
+    ),
+    "conv_256x256x7x7_K27": lambda: tk.Layout.conv(
+        (256, 256, 7, 7), [64, 128, 256], [64, 128, 256], [3, 5, 7]
+    ),
+}
+
+
+@pytest.mark.parametrize("pmode", ["deterministic", "atomic"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(BIG))
+@gpu
+def test_big_shapes_gpu(name, dtype, pmode):
+    lay = BIG[name]()
+    w, mix, grad = gpu_inputs(lay, dtype, 1)
+    exact = gpu_oracle(w, mix, lay, grad)
+    scale = dmix_scale(w, lay, grad)
+    for backend in gpu_backends():
+        got = gpu_run(w, mix, lay, grad, backend)
+        gpu_check(got, exact, scale, dtype, f"{backend} {pmode} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", list(BIG) + ["odd_97x257x3"])
+@gpu
+def test_deterministic_mode_bitwise_gpu(backend, name, monkeypatch):
+    if backend not in gpu_backends():
+        pytest.skip("CUDA extension not built")
+    monkeypatch.setenv("TANGLE_DETERMINISTIC", "1")
+    lay = BIG[name]() if name in BIG else tk.Layout.prefix((97, 257, 3), [[13, 97], [100, 257], None])
+    w, mix, grad = gpu_inputs(lay, torch.float32, 2)
+    ref = None
+    for _ in range(5):
+        got = gpu_run(w, mix, lay, grad, backend)
+        if ref is None:
+            ref = got
+        else:
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@gpu
+def test_direct_modes_and_noncontiguous_gpu(backend):
+    """Both P modes through the backend module; strided and unaligned inputs."""
+    if backend not in gpu_backends():
+        pytest.skip("CUDA extension not built")
+    from tangle_kernels import backends
+
+    mod = backends.get("superpose", backend)
+    lay = tk.Layout.prefix((130, 67), [[30, 130], [17, 40, 67]])
+    tabs = lay.tables(DEV)
+    mix = torch.rand(lay.K, device=DEV)
+    t = lay.cell_values(mix)
+    base_w = torch.randn(67, 131, device=DEV)
+    base_g = torch.randn(67, 131, device=DEV)
+    w = base_w[:, 1:].t()  # non-contiguous and not 16-byte aligned
+    g = base_g[:, 1:].t()
+    # Expected values from the padded-sum oracle (tests/tol_util.py), not from the
+    # tables the kernels read: W_mix, dW = G * M and d mix = B^T P (P through the
+    # layout's cell values, which the forward check pins to the padded sum).
+    out = mod.forward(w, t, dict(tabs))
+    for mode in ("deterministic", "atomic"):
+        dw, p = mod.backward(g, w, t, dict(tabs), mode=mode)
+        m64 = mix.detach().double().requires_grad_(True)
+        (dmix,) = torch.autograd.grad((p.double() * lay.cell_values(m64, torch.float64)).sum(), m64)
+        assert_superpose_within((out, dw, dmix), w, mix, lay, g, torch.float32, f"{backend} {mode}")
+        # the cells partition the weight: P sums to sum(G * W), whatever the tables say
+        total = (g.double() * w.double()).sum()
+        torch.testing.assert_close(p.double().sum(), total, rtol=1e-5, atol=1e-3)
+
+
+@gpu
+def test_torch_compile_gpu():
+    lay = tk.Layout.grid((96, 64), {"e": [16, 32, 64], "r": [1, 2]}, lambda e, r: [(0, min(96, 48 * r)), (0, e)])
+    w = torch.randn(lay.shape, device=DEV, requires_grad=True)
+    alpha = torch.randn(lay.K, device=DEV, requires_grad=True)
+    x = torch.randn(8, 64, device=DEV)
+
+    def f(x, w, alpha):
+        return (x @ tk.superpose(w, torch.softmax(alpha, 0), lay).t()).square().sum()
+
+    cf = torch.compile(f, fullgraph=True)
+    got = cf(x, w, alpha)
+    gw, ga = torch.autograd.grad(got, (w, alpha))
+    ref = (x @ superpose_reference(w, torch.softmax(alpha, 0), lay).t()).square().sum()
+    rw, ra = torch.autograd.grad(ref, (w, alpha))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("det", [False, True])
+@gpu
+def test_cuda_graph_capture_of_a_training_step_gpu(det, monkeypatch):
+    """A whole fwd+bwd step (superpose on the cuda/triton backends, the fused linear,
+    d mix through softmax) captured in a CUDA graph and replayed on new inputs equals
+    the eager step: no host syncs, allocations or stream mix-ups inside the ops (the
+    remedy for per-call CPU overhead at small sizes: torch.cuda.graphs or
+    torch.compile(mode="reduce-overhead"))."""
+    from tangle_kernels.ops.entangled_linear import entangled_linear
+
+    monkeypatch.setenv("TANGLE_DETERMINISTIC", "1" if det else "0")
+    torch.manual_seed(0)
+    lin = tk.Layout.grid((192, 128), {"e": [64, 128], "r": [1, 2, 3]}, lambda e, r: [(0, 64 * r), (0, e)])
+    conv = tk.Layout.conv((32, 16, 5, 5), [16, 32], [8, 16], [3, 5])
+    params = {
+        "w": torch.randn(lin.shape, device=DEV) * 0.1, "b": torch.randn(192, device=DEV),
+        "c": torch.randn(conv.shape, device=DEV), "alpha": torch.randn(lin.K, device=DEV),
+        "beta": torch.randn(conv.K, device=DEV),
+    }
+    for p in params.values():
+        p.requires_grad_(True)
+    x = torch.randn(64, 128, device=DEV)
+    img = torch.randn(2, 16, 8, 8, device=DEV)
+
+    def step(P, x, img, backend):
+        y = entangled_linear(x, P["w"], P["b"], torch.softmax(P["alpha"], 0), lin, backend="triton")
+        wc = tk.superpose(P["c"], torch.softmax(P["beta"], 0), conv, backend=backend)
+        loss = y.square().mean() + F.conv2d(img, wc, padding=2).square().mean()
+        loss.backward()
+        return loss
+
+    for backend in gpu_backends():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                for p in params.values():
+                    p.grad = None
+                step(params, x, img, backend)
+        torch.cuda.current_stream().wait_stream(s)
+        for p in params.values():
+            p.grad = None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            loss = step(params, x, img, backend)
+        x.copy_(torch.randn_like(x))
+        img.copy_(torch.randn_like(img))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        ref_loss = step(ref, x.clone(), img.clone(), backend)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+        for k in params:
+            torch.testing.assert_close(params[k].grad, ref[k].grad, rtol=1e-4, atol=1e-5, msg=f"{backend} {k}")
+        for p in params.values():
+            p.grad = None

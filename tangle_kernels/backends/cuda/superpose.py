@@ -1,4 +1,4 @@
-"""CUDA backend (csrc/cuda/superpose_cuda.cu) through ``tangle_kernels._C``.
+"""superpose on CUDA (csrc/cuda/superpose_cuda.cu) through ``tangle_kernels._C``.
 
 Kernels: row-group-aware tiles (each thread owns 16 bytes of columns for a run of
 rows, so the mask values are loaded once per run), 128-bit vector loads when the
@@ -15,20 +15,10 @@ Non-contiguous weights/grads are made contiguous (a copy) before the launch.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .._ext import _C
-from .cpu import DTYPE_CODES
-
-
-def deterministic_mode() -> bool:
-    """True when d mix must be bitwise repeatable on GPU: torch's deterministic
-    algorithms are enabled or ``TANGLE_DETERMINISTIC`` is set to a non-zero value."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get(
-        "TANGLE_DETERMINISTIC", "0"
-    ) not in ("", "0")
+from ..._ext import DTYPE_CODES, _C
+from .. import deterministic_mode  # noqa: F401  (re-exported: the mode of the P reduction)
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what inductor uses
@@ -71,8 +61,9 @@ def forward(w2d: torch.Tensor, t: torch.Tensor, tabs: dict) -> torch.Tensor:
     idx = w2d.device.index
     with _on_device(idx):
         _C.superpose_forward_cuda(
-            DTYPE_CODES[w2d.dtype], R, C, t.shape[0], t.shape[1], w2d.data_ptr(), out.data_ptr(),
-            t.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(), _stream(idx),
+            dtype=DTYPE_CODES[w2d.dtype], R=R, C=C, nrg=t.shape[0], ncg=t.shape[1],
+            w=w2d.data_ptr(), out=out.data_ptr(), t=t.data_ptr(), rowgrp=tabs["rowgrp"].data_ptr(),
+            colgrp=tabs["colgrp"].data_ptr(), stream=_stream(idx),
         )
     return out
 
@@ -98,12 +89,14 @@ def backward(g2d: torch.Tensor, w2d: torch.Tensor, t: torch.Tensor, tabs: dict, 
         nbytes = 0
         if det:
             nbytes = _C.superpose_backward_cuda_workspace(
-                code, R, C, nrg, ncg, w2d.data_ptr(), g2d.data_ptr(), dw.data_ptr()
+                dtype=code, R=R, C=C, nrg=nrg, ncg=ncg, w=w2d.data_ptr(), g=g2d.data_ptr(),
+                dw=dw.data_ptr(),
             )
         ws = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=w2d.device)
         _C.superpose_backward_cuda(
-            code, R, C, nrg, ncg, w2d.data_ptr(), g2d.data_ptr(), dw.data_ptr(),
-            t.data_ptr(), p.data_ptr(), tabs["rowgrp"].data_ptr(), tabs["colgrp"].data_ptr(),
-            ws.data_ptr(), nbytes, int(det), _stream(idx),
+            dtype=code, R=R, C=C, nrg=nrg, ncg=ncg, w=w2d.data_ptr(), g=g2d.data_ptr(),
+            dw=dw.data_ptr(), t=t.data_ptr(), p=p.data_ptr(), rowgrp=tabs["rowgrp"].data_ptr(),
+            colgrp=tabs["colgrp"].data_ptr(), workspace=ws.data_ptr(), workspace_bytes=nbytes,
+            deterministic=int(det), stream=_stream(idx),
         )
     return dw, p

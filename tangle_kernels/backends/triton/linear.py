@@ -7,7 +7,7 @@ With ``W_mix[o, i] = W[o, i] * T[rowgrp[o], colgrp[i]]`` (never written to memor
               G  = dy^T @ x                        (the unmasked dL/dW_mix, fp32 accumulator)
               dW = G * T[cell]                     epilogue of the G GEMM
               P  = per-cell sums of G * W          same epilogue (tile partials, see
-                                                   triton_superpose._tile_cell_sums)
+                                                   triton/superpose.py _tile_cell_sums)
 
 The mask is piecewise constant: along the reduction dimension of the forward GEMM
 (the input features ``i``) it changes only at the layout's column cuts, along the
@@ -39,7 +39,7 @@ Tile shapes: a fixed heuristic per dtype and size (no benchmarking inside a trai
 step, and the deterministic workspace size is known before launch).
 ``TANGLE_TRITON_AUTOTUNE=1`` autotunes over a few Hopper/Ampere configs instead (keyed
 on the GEMM sizes; the first call of each shape then takes seconds). One 16x16x16
-config under ``TRITON_INTERPRET=1``. P modes as in triton_superpose (deterministic
+config under ``TRITON_INTERPRET=1``. P modes as in triton/superpose.py (deterministic
 workspace + fixed-order reduction, or float32 atomics on CUDA).
 """
 
@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_superpose import _reduce_partials_kernel, _tile_cell_sums, p_mode
+from .superpose import _reduce_partials_kernel, _tile_cell_sums, p_mode
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 GCHUNK = 16

@@ -21,7 +21,7 @@ Two modes for P (accumulated in float32, float64 for float64 weights):
   a zero-initialised workspace ``[n_tiles, nrg * ncg]``; a second kernel adds the
   rows in tile order. Bitwise repeatable. Default on CPU (interpreter), for float64,
   and when ``torch.are_deterministic_algorithms_enabled()`` or
-  ``TANGLE_DETERMINISTIC=1`` (``backends.cuda.deterministic_mode``).
+  ``TANGLE_DETERMINISTIC=1`` (``backends.deterministic_mode``).
 - ``atomic``: tiles add their partials to P with float32 atomics (CUDA fast path;
   the order of the additions, hence the last bits of d mix, may vary run to run).
 
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cuda import deterministic_mode
+from .. import deterministic_mode
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 GCHUNK = 16  # column groups reduced per one-hot step
