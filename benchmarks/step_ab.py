@@ -5,9 +5,8 @@ ONE process, round-robin, so that a shared or noisy machine slows them alike.
     python benchmarks/step_ab.py --case nanogpt --rounds 40 \
         --providers "ours[cpu],plain,floor,compiled-ours,compiled-plain"
 
-The sequential suites (``run.py``) time one provider after another; on the 2-core VMs
-of this project the step time of the SAME provider drifts by up to 1.5x between
-minutes, which is larger than the differences they measure. Here every round runs each
+The sequential suites (``run.py``) time one provider after another; on a shared machine the step time of the SAME
+provider drifts between minutes by more than the differences they measure. Here every round runs each
 provider once (in an order rotated every round) and the ratio of two providers is the
 median over rounds of their per-round time ratio (drift cancels within a round). The
 steps are those of ``bench_supernet.py`` (``providers.make_supernet``); compiled

@@ -4,16 +4,17 @@
 # architecture from scratch for 400 steps, and prints the derived architecture, its
 # validation loss and how decided the search was (final probabilities, entropy, coin
 # tosses). Everything is saved under runs/nanogpt (arch.json, metrics.jsonl,
-# checkpoint.pt, alphas.png). Measured: 3 min 39 s on 2 shared CPU cores (search 200 s).
-# How good the derived architecture is against all 54 trained from scratch, and against
-# the other samplers: benchmarks/search_quality.py (README "Search quality").
-# Extra arguments go to tangle-search (e.g. --data file.txt --steps 300 --resume).
+# checkpoint.pt, alphas.png); its run time: benchmarks/results/. How good the derived
+# architecture is against every architecture trained from scratch, and against the other
+# samplers: benchmarks/search_quality.py (docs/search-quality.md).
+# Extra arguments go to tangle-search (e.g. --data file.txt --steps 300 --resume; a
+# second run into runs/nanogpt needs --resume or --overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 source "${TANGLE_VENV:-.venv}/bin/activate"
-# OpenMP threads that sleep instead of spinning between parallel regions: on a machine
-# shared with other work, spinning threads made each step ~8x slower (5.3 s vs 0.64 s).
+# OpenMP threads that sleep instead of spinning between parallel regions: spinning
+# threads slow every step down on a machine shared with other work.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-exec tangle-search --space nanogpt --optimizer drnas --out runs/nanogpt --retrain-steps 400 "$@"
+exec tangle-search --space nanogpt --sampler drnas --out runs/nanogpt --retrain-steps 400 "$@"

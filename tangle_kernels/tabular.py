@@ -190,11 +190,16 @@ class TabularBenchmark:
         path = os.fspath(path)
         doc = {"format": FORMAT, "version": VERSION, **(dict(meta) if meta else {}),
                "entries": to_plain(self.entries, "entries")}
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise BenchmarkError(f"cannot write {path}: the folder {folder} does not exist")
+        from .search.runlog import atomic_write
+
+        def write(f):
             json.dump(doc, f, indent=0, sort_keys=False, allow_nan=False)
             f.write("\n")
-        os.replace(tmp, path)
+
+        atomic_write(path, write)  # a temp file unique to this writer, then a rename
 
     # ------------------------------------------------------------------- lookup
     def __len__(self) -> int:
@@ -232,6 +237,9 @@ def convert_pickle(in_path: str | os.PathLike, out_path: str | os.PathLike) -> T
     in_path = os.fspath(in_path)
     if not os.path.isfile(in_path):
         raise BenchmarkError(f"benchmark file not found: {in_path}")
+    if os.path.exists(out_path) and os.path.samefile(in_path, out_path):
+        raise BenchmarkError(f"convert: the output {os.fspath(out_path)} is the input; "
+                             f"refusing to write over it (name another file)")
     try:
         obj = safe_load(in_path, scalars=True)
     except UnsafePickleError as e:
@@ -321,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             key, metrics = query_selection(space, sel, args.benchmark)
         print(json.dumps({"key": key, **to_plain(metrics)}))
         return 0
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (BenchmarkError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -10,12 +10,15 @@ modernised spelling), about 32 KB. ``--data path/to/text`` takes any text file i
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import resources
 
 import torch
 
 __all__ = [
     "DataError",
+    "DataWarning",
+    "looks_binary",
     "CharCorpus",
     "MarkovText",
     "default_corpus_text",
@@ -32,6 +35,27 @@ DEFAULT_CORPUS_DESCRIPTION = (
 class DataError(ValueError):
     """A data source that cannot be used (missing, empty, too short); the CLI prints the
     message and exits non-zero."""
+
+
+class DataWarning(UserWarning):
+    """Data that can be used but is probably not what was meant (a binary file as text);
+    the CLI prints it as one ``warning:`` line."""
+
+
+#: bytes of a text file: printable ASCII, whitespace, and everything >= 0x80 (UTF-8, Latin-1)
+_TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t\n\r\f\b\x1b" + bytes(range(0x80, 0x100))
+
+
+def looks_binary(raw: bytes, sample: int = 1 << 16) -> bool:
+    """Whether ``raw`` looks like a binary file: a NUL byte, or more than 10% control
+    bytes, in its first ``sample`` bytes."""
+    head = raw[:sample]
+    if not head:
+        return False
+    if b"\x00" in head:
+        return True
+    control = len(head.translate(None, _TEXT_BYTES))
+    return control > 0.1 * len(head)
 
 
 def default_corpus_text() -> str:
@@ -55,6 +79,13 @@ def read_text_file(path: str | os.PathLike) -> str:
         raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
     if not raw.strip():
         raise DataError(f"data file is empty: {path}")
+    if looks_binary(raw):
+        warnings.warn(
+            f"{path} does not look like a text file (NUL or control bytes); it is read as "
+            f"characters all the same",
+            DataWarning,
+            stacklevel=2,
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -77,6 +108,11 @@ class CharCorpus:
             raise DataError(f"train_fraction={train_fraction} must be in (0, 1)")
         self.name = name
         self.vocab: list[str] = sorted(set(text))
+        if len(self.vocab) < 2:
+            raise DataError(
+                f"{name}: the text has a single distinct character ({self.vocab[0]!r}); a "
+                f"language model needs at least 2 to have anything to predict"
+            )
         self.stoi = {c: i for i, c in enumerate(self.vocab)}
         self.data = torch.tensor([self.stoi[c] for c in text], dtype=torch.int64)
         n = int(len(self.data) * train_fraction)

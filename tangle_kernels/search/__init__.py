@@ -1,25 +1,25 @@
 """The NAS driver: samplers, the bilevel search loop, derive/extract, checkpoints, CLI.
 
-- :mod:`.samplers`: DARTS (softmax), sparsemax, DrNAS (Dirichlet), GDAS (hard
-  Gumbel-softmax, straight-through, linear temperature annealing), SPOS (uniform one-hot).
-- :mod:`.engine`: :class:`SearchConfig`, :class:`Search` (first-order bilevel loop,
-  second-order unrolled DARTS option, DDP), :func:`train_from_scratch`.
+- :mod:`.samplers`: one file per sampler, found by a registry: DARTS (softmax),
+  sparsemax, DrNAS (Dirichlet), GDAS (hard Gumbel-softmax, straight-through, linear
+  temperature annealing), SPOS (uniform one-hot), SNAS (soft Gumbel-softmax).
+- :mod:`.config`: :class:`SearchConfig` and :func:`build_config` (defaults -> space
+  defaults -> flags).
+- :mod:`.loop`: :class:`Search` (first-order bilevel loop, second-order unrolled DARTS
+  option, DDP); :mod:`.report`: selection, evaluation, :func:`train_from_scratch`,
+  arch.json; :mod:`.runlog`: run files; :mod:`.rundir`: the lock on a run's folder.
+- :mod:`.engine`: the old module, re-exporting these names.
 - :mod:`.evolution`: random search and evolution over a trained supernet (SPOS stage 2).
 - :mod:`.checkpoint`: atomic checkpoints loaded with ``weights_only=True``.
 - :mod:`.cli`: ``tangle-search`` / ``python -m tangle_kernels.search``.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .engine import (
-    Search,
-    SearchConfig,
-    SearchError,
-    derive_seed,
-    detach_arch,
-    run_search,
-    train_from_scratch,
-    unrolled_arch_grad,
-)
+from .common import derive_seed, detach_arch
+from .config import SearchConfig, SearchError, build_config
+from .loop import Search, SearchDiverged, run_search
+from .report import train_from_scratch
+from .unrolled import unrolled_arch_grad
 from .evolution import evolution, random_search
 from .samplers import (
     SAMPLERS,
@@ -27,8 +27,11 @@ from .samplers import (
     DrNASSampler,
     GDASSampler,
     Sampler,
+    SNASSampler,
     SparsemaxSampler,
     SPOSSampler,
+    decision_report,
+    format_decision,
     linear_tau,
     make_sampler,
     sparsemax,
@@ -40,11 +43,16 @@ __all__ = [
     "DartsSampler",
     "DrNASSampler",
     "GDASSampler",
+    "SNASSampler",
     "SPOSSampler",
     "Sampler",
     "Search",
     "SearchConfig",
     "SearchError",
+    "SearchDiverged",
+    "build_config",
+    "decision_report",
+    "format_decision",
     "SparsemaxSampler",
     "derive_seed",
     "detach_arch",

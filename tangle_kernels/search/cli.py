@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -28,6 +29,14 @@ PROG = "tangle-search"
 
 class CLIError(Exception):
     """An error worth one line on stderr and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``tangle-search: error: ...`` line (exit 2)."""
+
+    def error(self, message: str):
+        _error(f"{message} (see {self.prog} --help)")
+        raise SystemExit(2)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -63,14 +72,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the forward + loss of every step under torch.compile (CUDA: CUDA graphs, "
         "mode reduce-overhead); pays off on GPUs and long runs, not on short CPU runs where "
-        "compiling (about a minute per graph on CPU) dominates",
+        "the compile time dominates (see benchmarks/results/)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import SAMPLERS
+    from .samplers import SAMPLERS, sampler_options
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="Weight-entangled NAS: search a space with a gradient-based (or SPOS) "
         "optimizer, derive the architecture, extract it and evaluate it.",
@@ -79,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--space", default="nanogpt", help="search space (see 'tangle-search spaces')")
     p.add_argument(
+        "--sampler",
         "--optimizer",
-        default="drnas",
+        dest="sampler",
+        default=None,
         choices=list(SAMPLERS),
-        help="architecture optimizer / sampler (default drnas)",
+        help="architecture sampler (--optimizer: its old name; default drnas): "
+        + "; ".join(f"{n}: {c.summary}" for n, c in SAMPLERS.items() if c.summary),
     )
-    p.add_argument("--out", default=None, help="output folder (default runs/SPACE-OPTIMIZER)")
+    p.add_argument("--out", default=None, help="output folder (default runs/SPACE-SAMPLER)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, default=None, help="search steps")
     steps.add_argument(
@@ -94,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="search length in epochs of the train split (instead of --steps)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out where a run lives (its files are replaced)",
+    )
+    p.add_argument(
+        "--resume-other-data",
+        action="store_true",
+        help="with --resume: continue on other --data than the checkpoint was trained on",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -125,19 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unrolled",
         action="store_true",
-        help="second-order (unrolled) DARTS update (darts, sparsemax)",
+        help="second-order (unrolled) DARTS update ("
+        + ", ".join(n for n, c in SAMPLERS.items() if c.supports_unrolled) + ")",
     )
-    p.add_argument("--tau-max", type=float, default=None, help="GDAS initial temperature")
-    p.add_argument("--tau-min", type=float, default=None, help="GDAS final temperature")
-    p.add_argument(
-        "--spos-search",
-        choices=("evolution", "random"),
-        default=None,
-        help="SPOS: how to select the architecture after training",
-    )
-    p.add_argument(
-        "--spos-budget", type=int, default=None, help="SPOS: number of architectures scored"
-    )
+    for name, (opt, cls) in sampler_options().items():
+        if opt.flag:
+            p.add_argument(
+                opt.flag,
+                dest=name,
+                type=opt.type,
+                default=None,
+                choices=list(opt.choices) if opt.choices else None,
+                help=f"{opt.help} ({cls.name}; default {opt.default})",
+            )
     p.add_argument(
         "--eval-every",
         type=int,
@@ -173,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=f"{PROG} train",
         description="Train the architecture of an arch.json (written by a search) from "
         "scratch and report its validation metrics.",
@@ -193,26 +215,15 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def _parse_choices(items: Sequence[str]) -> dict:
-    from ..spaces.base import parse_assignment, parse_value
+    from .config import parse_choices
 
-    out = {}
-    for it in items:
-        name, vals = parse_assignment(it, what="--choice")
-        values = [parse_value(v) for v in vals.split(",") if v.strip()]
-        if not values:
-            raise CLIError(f"--choice {it!r}: no values")
-        out[name] = values
-    return out
+    return parse_choices(items)
 
 
 def _parse_hps(items: Sequence[str], what: str = "--hp") -> dict:
-    from ..spaces.base import parse_assignment, parse_value
+    from .config import parse_assignments
 
-    out = {}
-    for it in items:
-        name, val = parse_assignment(it, what=what)
-        out[name] = parse_value(val)
-    return out
+    return parse_assignments(items, what=what)
 
 
 def _device(name: str):
@@ -232,48 +243,19 @@ def _device(name: str):
 
 
 def _config(space, args, base: dict | None = None):
-    """SearchConfig: defaults <- space.search_defaults <- ``base`` <- flags."""
-    from .engine import SearchConfig
+    """SearchConfig: defaults <- space.search_defaults <- ``base`` <- flags <- --set
+    (:func:`~.config.build_config`)."""
+    from .config import build_config
+    from .samplers import sampler_options
 
-    d = SearchConfig().to_dict()
-    d.update(getattr(space, "search_defaults", {}) or {})
-    if base:
-        d.update(base)
-    flags = {
-        "optimizer": getattr(args, "optimizer", None),
-        "steps": getattr(args, "steps", None),
-        "epochs": getattr(args, "epochs", None),
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "checkpoint_every": getattr(args, "checkpoint_every", None),
-        "arch_lr": getattr(args, "arch_lr", None),
-        "warmup_steps": getattr(args, "warmup_steps", None),
-        "tau_max": getattr(args, "tau_max", None),
-        "tau_min": getattr(args, "tau_min", None),
-        "spos_search": getattr(args, "spos_search", None),
-        "spos_budget": getattr(args, "spos_budget", None),
-        "eval_every": getattr(args, "eval_every", None),
-        "eval_batches": getattr(args, "eval_batches", None),
-        "retrain_steps": getattr(args, "retrain_steps", None),
-        "precision": getattr(args, "precision", None),
-    }
+    names = ["sampler", "steps", "epochs", "batch_size", "lr", "seed", "checkpoint_every",
+             "arch_lr", "warmup_steps", "eval_every", "eval_batches", "retrain_steps",
+             "precision", *sampler_options()]
+    flags = {n: getattr(args, n, None) for n in names}
     if getattr(args, "unrolled", False):
         flags["unrolled"] = True
-    d.update({k: v for k, v in flags.items() if v is not None})
-    if flags["steps"] is not None:  # --steps and --epochs exclude each other
-        d["epochs"] = None
-    names = SearchConfig.field_names()
-    for k, v in _parse_hps(getattr(args, "sets", []), what="--set").items():
-        if k not in names:
-            raise CLIError(f"--set {k}: not a search setting (settings: {', '.join(names)})")
-        d[k] = v
-    try:
-        cfg = SearchConfig.from_dict(d)
-    except TypeError as e:
-        raise CLIError(f"bad search settings: {e}") from None
-    cfg.check()
-    return cfg
+    return build_config(space, flags, _parse_hps(getattr(args, "sets", []), what="--set"),
+                        base=base)
 
 
 def _fmt_metrics(m: dict) -> str:
@@ -326,10 +308,14 @@ def cmd_search(argv: Sequence[str]) -> int:
         preset=args.preset,
     )
     cfg = _config(space, args)
-    if args.benchmark is not None and not os.path.isfile(args.benchmark):
-        raise CLIError(f"--benchmark {args.benchmark}: file not found")
+    if args.benchmark is not None:
+        _check_benchmark(space, args.benchmark)
+    if args.resume_other_data and not args.resume:
+        raise CLIError("--resume-other-data: only with --resume")
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite exclude each other")
     data = space.make_data(args.data)
-    out = args.out or os.path.join("runs", f"{space.name}-{cfg.optimizer}")
+    out = args.out or os.path.join("runs", f"{space.name}-{cfg.sampler}")
     if args.resume and not os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise CLIError(
             f"--resume: no checkpoint in {out} (expected {os.path.join(out, 'checkpoint.pt')})"
@@ -342,6 +328,8 @@ def cmd_search(argv: Sequence[str]) -> int:
         out=out,
         device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
+        resume_other_data=args.resume_other_data,
         progress=not args.no_progress,
         meta=meta,
         compile=args.compile,
@@ -353,7 +341,7 @@ def cmd_search(argv: Sequence[str]) -> int:
             f"{', '.join(f'{n} {v}' for n, v in space.choices.items())})"
         )
         _say(
-            f"{PROG}: data {getattr(data, 'name', args.data)}; optimizer {cfg.optimizer}; "
+            f"{PROG}: data {getattr(data, 'name', args.data)}; sampler {cfg.sampler}; "
             f"{search.total_steps()} steps of batch {cfg.batch_size}"
             f"{f' x {search.dist.world_size} processes' if search.dist.enabled else ''} on {search.device}; "
             f"output {out}"
@@ -362,9 +350,9 @@ def cmd_search(argv: Sequence[str]) -> int:
     if args.benchmark is not None:
         result["benchmark"] = space.query_benchmark(result["arch"], args.benchmark)
         if main_rank:
-            from .engine import _write_json
+            from .runlog import write_json
 
-            _write_json(os.path.join(out, "arch.json"), result)
+            write_json(os.path.join(out, "arch.json"), result)
     if main_rank:
         _say("")
         _say(f"derived architecture: {result['arch_str']}")
@@ -393,23 +381,21 @@ def cmd_train(argv: Sequence[str]) -> int:
     import torch
 
     from ..spaces import get_space
-    from .engine import _write_json, train_from_scratch
+    from .report import train_from_scratch
+    from .runlog import write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     if not os.path.isfile(args.arch_json):
         raise CLIError(f"{args.arch_json}: file not found")
+    name, space_cfg, arch, rec = _read_arch_json(args.arch_json)
     try:
-        with open(args.arch_json, encoding="utf-8") as f:
-            rec = json.load(f)
-        name, space_cfg, arch = rec["space"], rec["space_config"], rec["arch"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CLIError(
-            f"{args.arch_json}: not an arch.json written by tangle-search ({e})"
-        ) from None
-    space = get_space(name).from_config(space_cfg)
-    cfg = _config(space, args, base=rec.get("config"))
+        space = get_space(name).from_config(space_cfg)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CLIError(f"{args.arch_json}: space_config does not build space {name!r} ({e})") from None
+    arch = _checked_arch(space, arch, args.arch_json)
+    cfg = _config(space, args, base=rec.get("config") if isinstance(rec.get("config"), dict) else None)
     steps = args.steps if args.steps is not None else int(rec.get("steps", cfg.steps))
     data_arg = args.data if args.data is not None else rec.get("data_arg")
     data = space.make_data(data_arg)
@@ -423,14 +409,55 @@ def cmd_train(argv: Sequence[str]) -> int:
     out = args.out or os.path.dirname(os.path.abspath(args.arch_json))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "scratch.json")
-    _write_json(path, {"space": name, "arch": arch, **res})
+    write_json(path, {"space": name, "arch": arch, **res})
     _say(f"validation (trained from scratch, {steps} steps): {_fmt_metrics(res['val'])}")
     _say(f"  parameters: {res['params']:,}; written to {path}")
     if "compile" in res:
-        from .engine import _compile_line
+        from .common import compile_line
 
-        _say(f"  {_compile_line(res['compile'])}")
+        _say(f"  {compile_line(res['compile'])}")
     return 0
+
+
+def _read_arch_json(path: str):
+    """``(space name, space_config, arch, record)`` of an arch.json, or one CLIError."""
+    what = f"{path}: not an arch.json written by tangle-search"
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{what} ({e})") from None
+    if not isinstance(rec, dict):
+        raise CLIError(f"{what} (expected a JSON object, found {type(rec).__name__})")
+    for k in ("space", "space_config", "arch"):
+        if k not in rec:
+            raise CLIError(f"{what} (no {k!r})")
+    if not isinstance(rec["space"], str):
+        raise CLIError(f"{what} ('space' is not a name)")
+    for k in ("space_config", "arch"):
+        if not isinstance(rec[k], dict):
+            raise CLIError(f"{what} ({k!r} is a {type(rec[k]).__name__}, expected an object)")
+    return rec["space"], rec["space_config"], rec["arch"], rec
+
+
+def _checked_arch(space, arch: dict, path: str) -> dict:
+    missing = [n for n in space.choices if n not in arch]
+    if missing:
+        raise CLIError(f"{path}: the arch has no value for choice(s) {', '.join(missing)}")
+    return space.check_selection(arch)
+
+
+def _check_benchmark(space, path: str) -> None:
+    """Refuse an unusable --benchmark before the search runs (not after it)."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--benchmark {path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"--benchmark {path}: not readable")
+    if not hasattr(space, "genotype_key"):
+        raise CLIError(f"--benchmark: space {space.name!r} has no tabular benchmark to query")
+    from ..tabular import TabularBenchmark
+
+    TabularBenchmark.load(path)  # a BenchmarkError (one line) for an unreadable file
 
 
 def cmd_spaces(argv: Sequence[str]) -> int:
@@ -455,23 +482,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     debug = os.environ.get("TANGLE_DEBUG", "") not in ("", "0")
-    try:
-        return cmd(rest)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except (CLIError, SpaceError, DataError, CheckpointError, ValueError) as e:
-        # SearchError, SpaceError and DataError are ValueErrors; so are the nn modules'
-        # errors for sizes a space cannot build.
-        if debug:
-            raise
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as e:
-        if debug:
-            raise
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return cmd(rest)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+            return 130
+        except (CLIError, SpaceError, DataError, CheckpointError, ValueError, OSError) as e:
+            # SearchError, SpaceError and DataError are ValueErrors; so are the nn modules'
+            # errors for sizes a space cannot build.
+            if debug:
+                raise
+            _error(str(e))
+            return 2
+        except Exception as e:  # anything else: still one line (TANGLE_DEBUG=1: traceback)
+            if debug:
+                raise
+            _error(f"{type(e).__name__}: {e} (run with TANGLE_DEBUG=1 for the traceback)")
+            return 2
+
+
+def _error(msg: str) -> None:
+    """One ``tangle-search: error: ...`` line on stderr (a message's newlines folded)."""
+    line = " ".join(part.strip() for part in msg.strip().splitlines() if part.strip())
+    print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

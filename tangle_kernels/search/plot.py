@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+
+from .runlog import atomic_write
 
 __all__ = ["plot_alphas", "have_matplotlib"]
 
@@ -72,8 +73,9 @@ def plot_alphas(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda f: fig.savefig(f, dpi=100, format="png"), binary=True,
+                     suffix=".png")
+    finally:
+        plt.close(fig)
     return True

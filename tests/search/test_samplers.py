@@ -42,7 +42,13 @@ def _randomize(sampler, scale=2.0, seed=1):
 # ------------------------------------------------------------------ simplex samplers
 
 
-@pytest.mark.parametrize("name", ["darts", "drnas"])
+#: samplers whose archs are dense soft mixtures (every weight > 0), from the registry
+DENSE = [n for n, c in SAMPLERS.items() if c.trains_arch and not c.hard and not c.find_unused()]
+#: samplers that draw noise (the deterministic relaxations are the unrolled-capable ones)
+STOCHASTIC = [n for n, c in SAMPLERS.items() if not c.supports_unrolled]
+
+
+@pytest.mark.parametrize("name", DENSE)
 def test_weights_positive_and_sum_to_one(name):
     s = _randomize(make_sampler(name, CHOICES, generator=_gen()))
     g = _gen(3)
@@ -145,7 +151,7 @@ def test_drnas_is_reparameterised_dirichlet():
     torch.testing.assert_close(s.alphas["c"].grad, exact, atol=0.01, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["drnas", "gdas", "spos"])
+@pytest.mark.parametrize("name", STOCHASTIC)
 def test_same_generator_same_sample(name):
     s = _randomize(make_sampler(name, CHOICES, generator=_gen(), total_steps=10))
     a = s.sample(_gen(42), step=3)
@@ -267,7 +273,7 @@ def test_state_dict_roundtrip_and_errors():
         make_sampler("nope", CHOICES)
     with pytest.raises(ValueError, match="empty"):
         DartsSampler({})
-    assert set(SAMPLERS) == {"darts", "sparsemax", "drnas", "gdas", "spos"}
+    assert set(SAMPLERS) == {"darts", "sparsemax", "drnas", "gdas", "spos", "snas"}
 
 
 # ------------------------------------------------------------------ SPOS selection

@@ -23,7 +23,7 @@ from tangle_kernels.search.engine import (
     train_from_scratch,
     unrolled_arch_grad,
 )
-from tangle_kernels.search.samplers import DartsSampler
+from tangle_kernels.search.samplers import SAMPLERS, DartsSampler
 from tangle_kernels.spaces.nanogpt import NanoGPTSpace
 
 # Tiny Shakespeare lives next to the checkout (../shared/data, never copied into the
@@ -163,7 +163,7 @@ def _interrupt_at(k):
     return on_step
 
 
-@pytest.mark.parametrize("optimizer", ["drnas", "gdas"])
+@pytest.mark.parametrize("optimizer", list(SAMPLERS))
 def test_resume_is_bit_identical(tmp_path, optimizer):
     space = tiny_space(dropout=0.1)  # dropout: the global RNG must be restored too
     data = space.make_data("synthetic")

@@ -1,0 +1,255 @@
+"""The settings of a search run: :class:`SearchConfig` and its layering.
+
+A run's settings come, each later layer overriding the earlier ones, from the
+:class:`SearchConfig` defaults, the space's ``search_defaults``, an optional base (the
+``config`` of an arch.json, for ``tangle-search train``), the explicit flags, and
+``--set FIELD=VALUE`` pairs: :func:`build_config` is that layering, shared by the CLI and
+the benchmarks.
+
+The sampler's own settings (GDAS temperatures, DrNAS concentration, SPOS selection,
+...) are fields too, declared by the samplers (``samplers/*.py``, :class:`Option`), so a
+new sampler's option is a field, a ``--set`` name and a flag without touching this file.
+The sampler field is ``sampler``; ``optimizer`` (its old name) is accepted as a keyword,
+a property and in saved configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .samplers import SAMPLERS, sampler_options
+
+__all__ = ["SearchConfig", "SearchError", "PRECISIONS", "build_config", "parse_choices",
+           "parse_assignments"]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+class SearchError(ValueError):
+    """A search that cannot run as configured; the CLI prints the message, exits 2."""
+
+
+@dataclass
+class _Core:
+    """The settings every search has (the samplers' options are added below)."""
+
+    sampler: str = "drnas"  #: darts, sparsemax, drnas, gdas, spos, ... (``SAMPLERS``)
+    steps: int = 200  #: search steps (one arch step + one weight step each)
+    epochs: float | None = None  #: if set, steps = ceil(epochs * train size / global batch)
+    batch_size: int = 32  #: per rank
+    eval_batch_size: int | None = None  #: default: batch_size
+    eval_batches: int = 8  #: fixed validation batches for evaluation
+    eval_every: int = 0  #: evaluate the derived arch every N steps (0: at the end only)
+    w_optimizer: str = "adamw"  #: adamw | sgd (weights)
+    lr: float = 1e-3
+    lr_min: float = 0.0  #: cosine schedule from lr to lr_min
+    momentum: float = 0.9  #: SGD only
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  #: max grad norm of the weights (0: off)
+    arch_lr: float = 3e-4  #: Adam on the alphas (DARTS: 3e-4, betas (0.5, 0.999), wd 1e-3)
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    arch_init_scale: float = 1e-3  #: alphas start at init_scale * N(0, 1)
+    warmup_steps: int = 0  #: weight-only steps before the alphas start to move
+    unrolled: bool = False  #: second-order DARTS (samplers with ``supports_unrolled``)
+    retrain_steps: int = 0  #: train the derived arch from scratch for N steps (0: skip)
+    seed: int = 0
+    checkpoint_every: int = 100  #: steps between checkpoints (0: only at the end / Ctrl-C)
+    log_every: int = 1  #: steps between metrics.jsonl records
+    #: fp32 | tf32 (float32 weights, CUDA matmuls/convolutions on TF32 tensor cores)
+    #: | bf16 (autocast forward in bfloat16; weights, grads and optimizer states float32)
+    precision: str = "fp32"
+
+    @property
+    def optimizer(self) -> str:
+        """The sampler's name (the old name of :attr:`sampler`)."""
+        return self.sampler
+
+    @optimizer.setter
+    def optimizer(self, value: str) -> None:
+        self.sampler = value
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["arch_betas"] = list(self.arch_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
+        """From a saved config (unknown keys ignored; ``optimizer`` read as ``sampler``)."""
+        d = dict(d)
+        if "optimizer" in d and "sampler" not in d:
+            d["sampler"] = d["optimizer"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "arch_betas" in kw:
+            kw["arch_betas"] = tuple(kw["arch_betas"])
+        return cls(**kw)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def resume_free(cls) -> tuple[str, ...]:
+        """Fields that may differ between a checkpoint and the run that resumes it."""
+        return _RESUME_FREE + tuple(n for n, (o, _) in sampler_options().items() if o.resume_free)
+
+    def check(self) -> None:
+        """:class:`SearchError` naming the first bad field."""
+        if self.sampler not in SAMPLERS:
+            raise SearchError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.epochs is None and self.steps < 1:
+            raise SearchError(f"--steps {self.steps}: must be >= 1")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise SearchError(f"--epochs {self.epochs}: must be > 0 and finite")
+        for n in ("batch_size", "eval_batches"):
+            if getattr(self, n) < 1:
+                raise SearchError(f"{n}={getattr(self, n)}: must be >= 1")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise SearchError(f"eval_batch_size={self.eval_batch_size}: must be >= 1")
+        for n in ("checkpoint_every", "eval_every", "warmup_steps", "retrain_steps"):
+            if getattr(self, n) < 0:
+                raise SearchError(f"{n}={getattr(self, n)}: must be >= 0")
+        if self.log_every < 1:
+            raise SearchError(f"log_every={self.log_every}: must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise SearchError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.w_optimizer not in ("adamw", "sgd"):
+            raise SearchError(f"w_optimizer={self.w_optimizer!r}: choose adamw or sgd")
+        for n in ("lr", "arch_lr"):
+            v = getattr(self, n)
+            if not (v > 0 and math.isfinite(v)):
+                raise SearchError(f"{n}={v}: must be > 0 and finite")
+        for n in ("lr_min", "momentum", "weight_decay", "grad_clip", "arch_weight_decay",
+                  "arch_init_scale"):
+            v = getattr(self, n)
+            if not math.isfinite(v):
+                raise SearchError(f"{n}={v}: must be finite")
+        if self.lr_min < 0 or self.lr_min > self.lr:
+            raise SearchError(f"lr_min={self.lr_min}: must be in [0, lr={self.lr}]")
+        for n, (opt, _) in sampler_options().items():
+            problem = opt.validate(getattr(self, n))
+            if problem:
+                raise SearchError(problem)
+        cls = SAMPLERS[self.sampler]
+        if self.unrolled and not cls.supports_unrolled:
+            able = ", ".join(n for n, c in SAMPLERS.items() if c.supports_unrolled)
+            raise SearchError(
+                f"--unrolled is the second-order DARTS update; it needs --sampler {able} "
+                f"(a deterministic relaxation), not {self.sampler!r}"
+            )
+
+
+_RESUME_FREE = (
+    "checkpoint_every",
+    "eval_every",
+    "log_every",
+    "retrain_steps",
+    "eval_batches",
+    "eval_batch_size",
+    "epochs",
+    "precision",
+)
+
+
+def _make_config_class():
+    fields = [
+        (o.name, o.type, dataclasses.field(default=o.default))
+        for o, _ in sampler_options().values()
+    ]
+    cls = dataclasses.make_dataclass(
+        "SearchConfig",
+        fields,
+        bases=(_Core,),
+        namespace={"__doc__": "Everything that determines a search run (saved in checkpoints "
+                   "and arch.json): the core settings and every sampler's options."},
+    )
+    cls.__module__ = __name__
+    init = cls.__init__
+
+    def __init__(self, *args, optimizer: str | None = None, **kw):
+        if optimizer is not None:
+            if kw.get("sampler", optimizer) != optimizer:
+                raise TypeError(f"sampler={kw['sampler']!r} and optimizer={optimizer!r} differ")
+            kw["sampler"] = optimizer
+        init(self, *args, **kw)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+SearchConfig = _make_config_class()
+#: kept for code that read the tuple (``SearchConfig.resume_free()`` is the API)
+SearchConfig._RESUME_FREE = SearchConfig.resume_free()
+
+
+def build_config(
+    space=None,
+    flags: Mapping[str, Any] | None = None,
+    sets: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> SearchConfig:
+    """SearchConfig: defaults <- ``space.search_defaults`` <- ``base`` <- ``flags`` (None
+    values skipped; ``optimizer`` read as ``sampler``; ``steps`` clears ``epochs``) <-
+    ``sets`` (``--set`` pairs: a :class:`SearchError` for an unknown field), checked."""
+    d = SearchConfig().to_dict()
+    d.update(getattr(space, "search_defaults", {}) or {})
+    if base:
+        b = dict(base)
+        if "optimizer" in b and "sampler" not in b:
+            b["sampler"] = b.pop("optimizer")
+        d.update(b)
+    fl = {k: v for k, v in (flags or {}).items() if v is not None}
+    if "optimizer" in fl:
+        fl.setdefault("sampler", fl.pop("optimizer"))
+    d.update(fl)
+    if fl.get("steps") is not None:  # --steps and --epochs exclude each other
+        d["epochs"] = None
+    names = SearchConfig.field_names()
+    for k, v in (sets or {}).items():
+        if k == "optimizer":
+            k = "sampler"
+        if k not in names:
+            raise SearchError(f"--set {k}: not a search setting (settings: {', '.join(names)})")
+        d[k] = v
+    d.pop("optimizer", None)
+    try:
+        cfg = SearchConfig.from_dict(d)
+    except TypeError as e:
+        raise SearchError(f"bad search settings: {e}") from None
+    try:
+        cfg.check()
+    except TypeError as e:  # a --set value of the wrong type ("abc" < 1)
+        raise SearchError(f"bad search settings: {e}") from None
+    return cfg
+
+
+def parse_choices(items) -> dict:
+    """``["NAME=V1,V2", ...]`` (``--choice``) -> ``{NAME: [V1, V2]}`` (values parsed)."""
+    from ..spaces.base import parse_assignment, parse_value
+
+    out = {}
+    for it in items:
+        name, vals = parse_assignment(it, what="--choice")
+        values = [parse_value(v) for v in vals.split(",") if v.strip()]
+        if not values:
+            raise SearchError(f"--choice {it!r}: no values")
+        out[name] = values
+    return out
+
+
+def parse_assignments(items, what: str = "--hp") -> dict:
+    """``["NAME=VALUE", ...]`` (``--hp``, ``--set``) -> ``{NAME: VALUE}`` (values parsed)."""
+    from ..spaces.base import parse_assignment, parse_value
+
+    out = {}
+    for it in items:
+        name, val = parse_assignment(it, what=what)
+        out[name] = parse_value(val)
+    return out

@@ -1,0 +1,75 @@
+"""SPOS (Guo et al. 2020): uniform one-hot paths, then a search over the trained supernet."""
+
+from __future__ import annotations
+
+import torch
+
+from ...nn.arch import HardArch
+from ..evolution import evolution, random_search
+from .base import Option, Sampler, SelectionContext
+
+
+class SPOSSampler(Sampler):
+    """SPOS: each choice uniformly at random, one-hot, no architecture gradient. The
+    architecture is selected afterwards by random search or evolution over the trained
+    supernet (``tangle_kernels.search.evolution``)."""
+
+    name = "spos"
+    summary = "uniform one-hot paths, then evolution or random search (SPOS)"
+    order = 4
+    trains_arch = False
+    hard = True
+    options = (
+        Option("spos_search", str, "evolution", "SPOS: how to select the architecture after "
+               "training", flag="--spos-search", choices=("evolution", "random"),
+               resume_free=True),
+        Option("spos_budget", int, 50, "SPOS: number of architectures scored",
+               flag="--spos-budget", check="at_least_1", resume_free=True),
+        Option("spos_population", int, 10, "SPOS: evolution population", check="at_least_1",
+               resume_free=True),
+        Option("spos_eval_batches", int, 4, "SPOS: validation batches per score",
+               check="at_least_1", resume_free=True),
+    )
+
+    def __init__(self, choices, **kw):
+        kw["init_scale"] = 0.0
+        super().__init__(choices, **kw)
+
+    def sample(self, generator=None, step=0):
+        weights, index = {}, {}
+        for n, a in self.alphas.items():
+            i = int(torch.randint(a.shape[0], (1,), generator=generator, device=a.device))
+            w = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+            w[i] = 1.0
+            weights[n], index[n] = w, i
+        return HardArch(weights, index)
+
+    def probs(self):
+        return {n: torch.full_like(a.detach(), 1.0 / a.shape[0]) for n, a in self.alphas.items()}
+
+    def select(self, ctx: SelectionContext):
+        cfg = ctx.cfg
+        fn = evolution if cfg.spos_search == "evolution" else random_search
+        kw = {"population": cfg.spos_population} if fn is evolution else {}
+        ctx.log(f"SPOS: {cfg.spos_search} over the trained supernet ({cfg.spos_budget} evaluations)")
+        selection, _, hist = fn(
+            self.choices,
+            lambda sel: ctx.score(sel, cfg.spos_eval_batches),
+            budget=cfg.spos_budget,
+            seed=ctx.seed,
+            **kw,
+        )
+        return selection, [{"arch": s, "score": v} for s, v in hist]
+
+    def decision(self, history, cfg):
+        """The supernet scores of the best and runner-up selections."""
+        scores = sorted(float(h["score"]) for h in (history or []))
+        return {
+            "spos": {
+                "search": cfg.spos_search,
+                "scored": len(scores),
+                "best": scores[0] if scores else None,
+                "runner_up": scores[1] if len(scores) > 1 else None,
+                "median": scores[len(scores) // 2] if scores else None,
+            }
+        }
