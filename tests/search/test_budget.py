@@ -1,0 +1,133 @@
+"""Search under a budget: every derived architecture within its limits (random budgets
+and spaces), the most probable one that fits, a clear error when none fits, and the
+Lagrangian's term and multipliers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from tangle_kernels.nn.cost import CostModel
+from tangle_kernels.search.budget import Budget, BudgetError, Lagrangian, constrained_argmax
+from tangle_kernels.spaces import make_space
+
+SPACES = ["nanogpt", "conv-macro", "autoformer", "mobilenetv3", "nb201"]
+
+
+def _cm(name):
+    sp = make_space(name) if name == "nanogpt" else make_space(name, preset="tiny")
+    data = sp.make_data("synthetic")
+    torch.manual_seed(0)
+    model = sp.build_supernet(data)
+    x, _ = data.batch("val", 2, torch.Generator().manual_seed(0))
+    return sp, CostModel(model, sp.choices, example=x)
+
+
+def _rand_probs(choices, rng):
+    out = {}
+    for n, v in choices.items():
+        w = [rng.random() + 1e-3 for _ in v]
+        out[n] = [x / sum(w) for x in w]
+    return out
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_derived_architecture_is_within_random_budgets(name):
+    sp, cm = _cm(name)
+    rng = random.Random(name)
+    lo_p, hi_p = cm.bounds("params") if sp.num_architectures() <= 20000 else (None, None)
+    for trial in range(6):
+        probs = _rand_probs(sp.choices, rng)
+        sel = {n: rng.choice(v) for n, v in sp.choices.items()}  # a budget some arch meets
+        limits = {"params": cm.params(sel) * rng.uniform(1.0, 1.3)}
+        if trial % 2:
+            limits["macs"] = cm.macs(sel) * rng.uniform(1.0, 1.3)
+        budget = Budget(limits)
+        for kw in ({}, {"exact_limit": 0, "beam": 64}):  # exact, and the beam search
+            got = constrained_argmax(cm, probs, budget, **kw)
+            assert cm.params(got) <= limits["params"], (got, limits)
+            if "macs" in limits:
+                assert cm.macs(got) <= limits["macs"], (got, limits)
+    if lo_p is not None:
+        with pytest.raises(BudgetError, match="smallest architecture has"):
+            constrained_argmax(cm, probs, Budget({"params": lo_p - 1}))
+        with pytest.raises(BudgetError, match="smallest architecture has"):
+            constrained_argmax(cm, probs, Budget({"params": lo_p - 1}), exact_limit=0)
+
+
+def test_the_most_probable_architecture_that_fits():
+    sp, cm = _cm("nanogpt")
+    rng = random.Random(1)
+    names = list(sp.choices)
+    for _ in range(10):
+        probs = _rand_probs(sp.choices, rng)
+        limit = rng.uniform(*cm.bounds("params"))
+        best, best_lp = None, -math.inf
+        for combo in itertools.product(*sp.choices.values()):
+            s = dict(zip(names, combo))
+            if cm.params(s) <= limit:
+                lp = sum(math.log(probs[n][sp.choices[n].index(s[n])]) for n in names)
+                if lp > best_lp:
+                    best, best_lp = s, lp
+        got = constrained_argmax(cm, probs, Budget({"params": limit}))
+        assert got == best
+        assert constrained_argmax(cm, probs, Budget({"params": limit}), exact_limit=0, beam=4096) == best
+    # no limit: the plain argmax of each choice
+    probs = _rand_probs(sp.choices, rng)
+    got = constrained_argmax(cm, probs, Budget())
+    assert got == {n: sp.choices[n][max(range(len(p)), key=p.__getitem__)] for n, p in probs.items()}
+
+
+def test_bad_budgets_and_probabilities_are_refused():
+    sp, cm = _cm("nanogpt")
+    for bad in (0, -5, float("inf"), float("nan"), "1e6", True):
+        with pytest.raises(BudgetError, match="positive finite"):
+            Budget({"params": bad})
+    with pytest.raises(BudgetError, match="unknown cost"):
+        Budget({"latency": 3.0})
+    probs = {n: [1.0 / len(v)] * len(v) for n, v in sp.choices.items()}
+    probs["embed"] = [float("nan"), 0.5, 0.5]
+    with pytest.raises(BudgetError, match="finite non-negative"):
+        constrained_argmax(cm, probs, Budget({"params": 1e9}))
+
+
+def test_lagrangian_pushes_the_expected_cost_under_the_limit():
+    sp, cm = _cm("nanogpt")
+    lo, hi = cm.bounds("params")
+    budget = Budget({"params": lo + 0.25 * (hi - lo)})
+    lag = Lagrangian(cm, budget, rate=2.0)
+    alphas = {n: torch.zeros(len(v), dtype=torch.float64, requires_grad=True) for n, v in sp.choices.items()}
+    opt = torch.optim.Adam(alphas.values(), lr=0.1)
+
+    def probs():
+        return {n: torch.softmax(a, 0) for n, a in alphas.items()}
+
+    # no loss but the constraint: the multiplier grows while the expectation is over the
+    # limit and the alphas move towards cheaper architectures until it fits
+    start = float(cm.expected(probs()).detach())
+    assert start > budget.limits["params"]
+    assert float(lag.term(probs())) == 0.0  # lambda starts at 0
+    for _ in range(200):
+        opt.zero_grad()
+        t = lag.term(probs())
+        if t.requires_grad:
+            t.backward()
+            opt.step()
+        rec = lag.update(probs())
+    assert rec["expected_params"] <= budget.limits["params"] * 1.02
+    assert rec["lambda_params"] >= 0.0
+    state = lag.state_dict()
+    lag2 = Lagrangian(cm, budget)
+    lag2.load_state_dict(state)
+    assert lag2.lam == lag.lam
+    with pytest.raises(BudgetError, match="do not match"):
+        lag2.load_state_dict({"macs": 1.0})
+    # a slack budget: the multiplier stays 0, the term is 0
+    slack = Lagrangian(cm, Budget({"params": hi * 2}))
+    for _ in range(3):
+        slack.update(probs())
+    assert slack.lam == {"params": 0.0}
