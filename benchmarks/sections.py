@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 def markers(name: str) -> tuple[str, str]:
-    if not name or any(c in name for c in "<>- \n"):
-        raise ValueError(f"section name {name!r}: one word without '<', '>', '-' or spaces")
+    if not name or any(c in name for c in "<> \n") or "--" in name or name.startswith("-"):
+        raise ValueError(f"section name {name!r}: one word without '<', '>', '--' or spaces")
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 

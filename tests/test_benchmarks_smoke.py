@@ -1,7 +1,7 @@
 """Smoke test of the benchmark suites (benchmarks/): every provider of every suite runs
 once on a tiny shape, the records have the documented schema, the memory measure sees
-torch's allocations, the derived ratios are right, and the README section is replaced
-between its markers only. Timings here are meaningless (one call, tiny shapes)."""
+torch's allocations, the derived ratios are right, and the generated section of
+benchmarks/results/README.md is replaced between its markers only. Timings here are meaningless (one call, tiny shapes)."""
 
 from __future__ import annotations
 
@@ -237,6 +237,37 @@ def test_run_py_end_to_end(tmp_path):
     ours = next(r for r in recs if r["provider"] == "ours[cpu]" and r["mode"] == "fwd")
     assert ours["speedup_vs_reference"] > 0 and ours["bw_vs_copy"] > 0
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().count("| tiny_mlp |") == len(recs)
+    assert not (tmp_path / "README.md").exists(), "--no-readme wrote the results README"
+
+
+def test_results_readme_from_records(tmp_path):
+    """``run.py --readme-only --out DIR`` rebuilds DIR/README.md from the JSON records:
+    the latest full run per device, image links relative to that file, the older-code
+    label on a run whose commit differs from the checkout; text outside the markers is
+    kept, a second run changes nothing, and the top-level README.md is never touched."""
+    import shutil
+
+    res = ROOT / "benchmarks" / "results"
+    for name in ("2026-11-23-cpu.json", "2026-12-02-cpu.json", "2026-11-23-cuda.json",
+                 "sweep_k-cpu.png", "sweep_k-cuda.png"):
+        shutil.copy(res / name, tmp_path / name)
+    top = (ROOT / "README.md").read_text()
+    assert run.main(["--readme-only", "--out", str(tmp_path)]) == 0  # creates the file
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith(run.RESULTS_README_HEAD) and text.count(run.START) == 1
+    assert "### AMD EPYC (cpu), 2026-12-02, profile full" in text  # the latest cpu run only
+    assert text.count("(cpu), ") == 1 and "### NVIDIA H100 80GB HBM3 (cuda), 2026-11-23" in text
+    assert "](sweep_k-cpu.png)" in text and "](sweep_k-cuda.png)" in text
+    assert run._code_changed_since("89f120e") is True  # tangle_kernels/ changed since
+    h100 = text[text.index("(cuda), 2026-11-23"):]
+    assert "**Measured on older code**: commit `89f120e` (2026-11-23)" in h100.split("####")[0]
+    # hand-written text outside the markers survives; a rebuild is idempotent
+    (tmp_path / "README.md").write_text("# Mine\n\nkeep me\n\n" + text[text.index(run.START):] + "\nafter\n")
+    assert run.main(["--readme-only", "--out", str(tmp_path)]) == 0
+    again = (tmp_path / "README.md").read_text()
+    assert again.startswith("# Mine\n\nkeep me\n\n") and again.endswith("\nafter\n")
+    assert again[again.index(run.START):again.index(run.END)] == text[text.index(run.START):text.index(run.END)]
+    assert (ROOT / "README.md").read_text() == top
 
 
 def test_step_ab_interleaved(tmp_path):

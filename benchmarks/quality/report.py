@@ -224,21 +224,4 @@ def write_docs_section(md_paths: Sequence[str], target: str) -> None:
     through ``benchmarks/sections.py``, the one section writer."""
     from benchmarks import sections
 
-    body = section_body(md_paths, target)
-    try:
-        sections.write_section(target, SECTION, body, heading="Search quality")
-    except ValueError as e:
-        if "section name" not in str(e):
-            raise
-        # sections.markers() refuses a '-' in a name, and the section is named
-        # search-quality in the docs: same replacement, same atomic writer
-        start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-        text = open(target, encoding="utf-8").read() if os.path.exists(target) else ""
-        i, j = text.find(start), text.find(end)
-        if i >= 0 and j > i:
-            text = text[: i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
-        else:
-            sep = "\n\n" if text.strip() else ""
-            text = (text.rstrip("\n") + f"{sep}## Search quality\n\n{start}\n{body.strip()}\n"
-                    f"{end}\n")
-        sections.write_text_atomic(target, text)
+    sections.write_section(target, SECTION, section_body(md_paths, target), heading="Search quality")

@@ -20,7 +20,7 @@ K]`` architecture tensors) or shared by every layer (``per_layer=false``: one ``
 and one ``mlp_ratio``). Presets:
 
 - default (no preset): embed 32/48/64, heads 2/4, MLP ratio 2/3/4, layers 1/2/3, context
-  64, SHARED choices. Small so that the README's CPU search finishes in a few minutes;
+  64, SHARED choices. Small so that the main command's CPU search (``scripts/search.sh``) stays short;
   shared so the space has 54 architectures, few enough to train every one of them from
   scratch and rank what a search derives against all of them
   (``benchmarks/search_quality.py``); per layer it would have 2,106.
@@ -223,8 +223,8 @@ class NanoGPTSpace(SearchSpace):
         "grad_clip": 1.0,
         # 400 steps leave no time for the DrNAS concentrations to grow: with the paper's
         # Dirichlet(elu(a) + 1) noise and arch lr 3e-3 the alphas barely moved and the
-        # derived arch was a coin toss (benchmarks/search_quality.py; README "Search
-        # quality"): 10x the concentration and 10x the arch lr decide within the budget
+        # derived arch was a coin toss (benchmarks/search_quality.py; docs/search-quality.md):
+        # 10x the concentration and 10x the arch lr decide within the budget
         "arch_lr": 3e-2,
         "drnas_concentration": 10.0,
         "arch_weight_decay": 1e-3,
