@@ -14,7 +14,7 @@ given explicitly, so the GPU code paths can be checked here before a GPU session
 The arguments are specialised the way Triton's launcher does for the real shapes
 (pointers and sizes divisible by 16 get ``tt.divisibility = 16``, unit strides
 become the constant 1), with the tile configs the library really launches
-(``triton_linear.fixed_config``, ``triton_superpose.tile_config``).
+(``backends/triton/linear.py fixed_config``, ``backends/triton/superpose.py tile_config``).
 Exit status 1 if a kernel fails to compile or a GEMM main loop is not pipelined.
 """
 

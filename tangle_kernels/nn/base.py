@@ -126,10 +126,9 @@ def set_arch(model: nn.Module, arch: Mapping[str, torch.Tensor] | None) -> nn.Mo
     """Store ``arch`` in every entangled submodule of ``model`` (``None`` clears it:
     modules then run their max-size candidate). An ``arch`` passed to ``forward``
     takes precedence. Returns ``model``."""
-    if arch is not None and not isinstance(arch, Mapping):
-        raise TypeError(
-            f"arch: expected a mapping name -> tensor or None, got {type(arch).__name__}"
-        )
+    from .arch import check_arch
+
+    check_arch(arch)
     for m in model.modules():
         if isinstance(m, EntangledModule):
             m._arch = arch

@@ -8,7 +8,7 @@ seed code. With the layout's cell values ``T = B @ mix``:
     forward:   W_mix[i] = W[i] * T[cell(i)]
     backward:  dW[i]    = G[i] * T[cell(i)]
                P[c]     = sum over i in cell c of G[i] * W[i]     (one sweep with dW)
-               d mix    = B^T @ P                                  (autograd of T)
+               d mix_k  = sum over the cells c inside k of P[c]    (a masked B^T P)
 
 Name chain: backend kernels -> ``tangle::superpose_fwd`` / ``tangle::superpose_bwd``
 (custom ops, torch.compile- and opcheck-clean) -> public :func:`superpose`.
@@ -18,8 +18,9 @@ custom ops (traced once, so their dispatch cost does not matter). In eager mode 
 calls the backend through one ``torch.autograd.Function`` (:class:`_SuperposeFn`):
 the custom-op dispatcher and the autograd graph of ``T = B @ mix`` cost several
 times the kernel itself at GPT-2 sizes, and an op is called once per layer per step.
-The two routes run the same backend functions and agree bitwise in W_mix and dW
-(d mix to rounding: the same products summed by different reduction kernels; tests).
+The two routes run the same backend functions and agree in W_mix and dW bitwise up to
+the sign of zero (d mix to rounding: the same products summed by different reduction
+kernels; tests).
 
 Non-finite values follow the padded sum (:func:`~tangle_kernels.backends.reference.
 superpose_reference`) on every backend: ``d mix_k`` and ``dW`` in candidate k's box

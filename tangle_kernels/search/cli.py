@@ -16,19 +16,16 @@ Under ``torchrun --nproc_per_node=N`` the search runs with DistributedDataParall
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 
+from .inputs import CLIError, check_benchmark, checked_arch, device_arg, read_arch_json
+
 __all__ = ["main", "build_parser"]
 
 PROG = "tangle-search"
-
-
-class CLIError(Exception):
-    """An error worth one line on stderr and exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,22 +223,6 @@ def _parse_hps(items: Sequence[str], what: str = "--hp") -> dict:
     return parse_assignments(items, what=what)
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N, auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise CLIError(f"--device {name}: only cpu and cuda are supported")
-    return dev
-
-
 def _config(space, args, base: dict | None = None):
     """SearchConfig: defaults <- space.search_defaults <- ``base`` <- flags <- --set
     (:func:`~.config.build_config`)."""
@@ -300,7 +281,7 @@ def cmd_search(argv: Sequence[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = device_arg(args.device)
     space = make_space(
         args.space,
         choices=_parse_choices(args.choice),
@@ -309,7 +290,7 @@ def cmd_search(argv: Sequence[str]) -> int:
     )
     cfg = _config(space, args)
     if args.benchmark is not None:
-        _check_benchmark(space, args.benchmark)
+        check_benchmark(space, args.benchmark)
     if args.resume_other_data and not args.resume:
         raise CLIError("--resume-other-data: only with --resume")
     if args.resume and args.overwrite:
@@ -386,15 +367,15 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = device_arg(args.device)
     if not os.path.isfile(args.arch_json):
         raise CLIError(f"{args.arch_json}: file not found")
-    name, space_cfg, arch, rec = _read_arch_json(args.arch_json)
+    name, space_cfg, arch, rec = read_arch_json(args.arch_json)
     try:
         space = get_space(name).from_config(space_cfg)
     except (KeyError, TypeError, AttributeError) as e:
         raise CLIError(f"{args.arch_json}: space_config does not build space {name!r} ({e})") from None
-    arch = _checked_arch(space, arch, args.arch_json)
+    arch = checked_arch(space, arch, args.arch_json)
     cfg = _config(space, args, base=rec.get("config") if isinstance(rec.get("config"), dict) else None)
     steps = args.steps if args.steps is not None else int(rec.get("steps", cfg.steps))
     data_arg = args.data if args.data is not None else rec.get("data_arg")
@@ -417,47 +398,6 @@ def cmd_train(argv: Sequence[str]) -> int:
 
         _say(f"  {compile_line(res['compile'])}")
     return 0
-
-
-def _read_arch_json(path: str):
-    """``(space name, space_config, arch, record)`` of an arch.json, or one CLIError."""
-    what = f"{path}: not an arch.json written by tangle-search"
-    try:
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CLIError(f"{what} ({e})") from None
-    if not isinstance(rec, dict):
-        raise CLIError(f"{what} (expected a JSON object, found {type(rec).__name__})")
-    for k in ("space", "space_config", "arch"):
-        if k not in rec:
-            raise CLIError(f"{what} (no {k!r})")
-    if not isinstance(rec["space"], str):
-        raise CLIError(f"{what} ('space' is not a name)")
-    for k in ("space_config", "arch"):
-        if not isinstance(rec[k], dict):
-            raise CLIError(f"{what} ({k!r} is a {type(rec[k]).__name__}, expected an object)")
-    return rec["space"], rec["space_config"], rec["arch"], rec
-
-
-def _checked_arch(space, arch: dict, path: str) -> dict:
-    missing = [n for n in space.choices if n not in arch]
-    if missing:
-        raise CLIError(f"{path}: the arch has no value for choice(s) {', '.join(missing)}")
-    return space.check_selection(arch)
-
-
-def _check_benchmark(space, path: str) -> None:
-    """Refuse an unusable --benchmark before the search runs (not after it)."""
-    if not os.path.isfile(path):
-        raise CLIError(f"--benchmark {path}: file not found")
-    if not os.access(path, os.R_OK):
-        raise CLIError(f"--benchmark {path}: not readable")
-    if not hasattr(space, "genotype_key"):
-        raise CLIError(f"--benchmark: space {space.name!r} has no tabular benchmark to query")
-    from ..tabular import TabularBenchmark
-
-    TabularBenchmark.load(path)  # a BenchmarkError (one line) for an unreadable file
 
 
 def cmd_spaces(argv: Sequence[str]) -> int:

@@ -101,6 +101,7 @@ class _Core:
 
     def check(self) -> None:
         """:class:`SearchError` naming the first bad field."""
+        self._check_types()
         if self.sampler not in SAMPLERS:
             raise SearchError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.epochs is None and self.steps < 1:
@@ -144,6 +145,41 @@ class _Core:
                 f"(a deterministic relaxation), not {self.sampler!r}"
             )
 
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_types(self) -> None:
+    """Each field of its declared type (a ``--set`` value is parsed, so it may not be)."""
+    opts = sampler_options()
+    for f in dataclasses.fields(self):
+        v = getattr(self, f.name)
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if f.name in opts:
+            t = opts[f.name][0].type.__name__
+        parts = [p.strip() for p in t.split("|")]
+        if v is None and "None" in parts:
+            continue
+        allowed = tuple(c for p in parts for c in _TYPES.get(p, ()))
+        if not allowed:
+            continue
+        if isinstance(v, bool) and bool not in allowed:
+            ok = False
+        elif allowed == (bool,) and v in (0, 1):
+            ok = True
+        else:
+            ok = isinstance(v, allowed)
+        if not ok:
+            raise SearchError(f"{f.name}={v!r}: expected {' or '.join(parts)}, got "
+                              f"{type(v).__name__}")
+    b = self.arch_betas
+    if not (isinstance(b, (tuple, list)) and len(b) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
+                    for x in b)):
+        raise SearchError(f"arch_betas={b!r}: expected two numbers in [0, 1)")
+
+
+_Core._check_types = _check_types
 
 _RESUME_FREE = (
     "checkpoint_every",
@@ -198,13 +234,15 @@ def build_config(
     """SearchConfig: defaults <- ``space.search_defaults`` <- ``base`` <- ``flags`` (None
     values skipped; ``optimizer`` read as ``sampler``; ``steps`` clears ``epochs``) <-
     ``sets`` (``--set`` pairs: a :class:`SearchError` for an unknown field), checked."""
+    def renamed(layer):  # the old name of the sampler field
+        layer = dict(layer or {})
+        if "optimizer" in layer:
+            layer.setdefault("sampler", layer.pop("optimizer"))
+        return layer
+
     d = SearchConfig().to_dict()
-    d.update(getattr(space, "search_defaults", {}) or {})
-    if base:
-        b = dict(base)
-        if "optimizer" in b and "sampler" not in b:
-            b["sampler"] = b.pop("optimizer")
-        d.update(b)
+    d.update(renamed(getattr(space, "search_defaults", None)))
+    d.update(renamed(base))
     fl = {k: v for k, v in (flags or {}).items() if v is not None}
     if "optimizer" in fl:
         fl.setdefault("sampler", fl.pop("optimizer"))

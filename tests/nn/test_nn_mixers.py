@@ -158,3 +158,17 @@ def test_depth_hard_without_gradient_runs_the_plain_stack():
     x = torch.randn(2, 3)
     y = mixer(x, one_hot_arch(mixer.choices, {"depth": 1}))
     torch.testing.assert_close(y, blocks[0](x), rtol=0, atol=0)
+
+
+def test_set_arch_refuses_what_is_not_an_arch():
+    """set_arch with a list, a dict of lists or of 2-D tensors: a clear error naming the
+    choice (it used to fail later with "'list' object has no attribute 'dim'")."""
+    m = tnn.DepthMixer([torch.nn.Linear(3, 3)], "depth", {"depth": (0, 1)})
+    with pytest.raises(TypeError, match="expected a mapping"):
+        tnn.set_arch(m, [0.5, 0.5])
+    with pytest.raises(TypeError, match=r"arch\['depth'\]: expected a 1-D tensor"):
+        tnn.set_arch(m, {"depth": [0.5, 0.5]})
+    with pytest.raises(ValueError, match=r"arch\['depth'\]: expected a non-empty 1-D"):
+        tnn.set_arch(m, {"depth": torch.ones(2, 2)})
+    tnn.set_arch(m, {"depth": torch.tensor([0.5, 0.5])})
+    tnn.set_arch(m, None)

@@ -197,15 +197,16 @@ def test_partition_gather_scatter_nodes_gradgradcheck(monkeypatch):
 
 
 def test_hessian_vector_product_in_the_architecture_logits():
-    """The README's conv supernet: ``H v`` of the loss in the architecture logits (what
-    RobustDARTS/SDARTS-style analyses compute) equals central finite differences of the
-    gradient, on the default (kernel) backends and on the reference backend."""
+    """The README's conv supernet (SiLU for ReLU: central differences must not straddle
+    a kink): ``H v`` of the loss in the architecture logits (what RobustDARTS/SDARTS-style
+    analyses compute) equals finite differences of the gradient, on the default (kernel)
+    backends: the conv, linear and batch-norm nodes and superpose."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 8, 5, padding=2), nn.SiLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 5),
+        nn.Linear(8, 12), nn.SiLU(), nn.Linear(12, 5),
     ).double()
     choices = {"c": [4, 6, 8], "k": [3, 5], "hidden": [6, 12]}
     supernet = tnn.entangle(model, choices, {
@@ -225,6 +226,8 @@ def test_hessian_vector_product_in_the_architecture_logits():
         (g,) = torch.autograd.grad(loss, alpha, create_graph=create_graph)
         return g
 
+    types = {type(m).__name__ for m in supernet.modules()}
+    assert {"EntangledConv2d", "EntangledLinear", "EntangledBatchNorm2d"} <= types
     alpha = alpha0.clone().requires_grad_()
     g = grad_alpha(alpha, True)
     (hv,) = torch.autograd.grad(g @ v, alpha)
@@ -232,3 +235,23 @@ def test_hessian_vector_product_in_the_architecture_logits():
     fd = (grad_alpha((alpha0 + eps * v).requires_grad_(), False)
           - grad_alpha((alpha0 - eps * v).requires_grad_(), False)) / (2 * eps)
     torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_linear_second_derivative_equals_the_composition():
+    """The fused Triton node (float32: the interpreter's GEMM): the second derivative of a loss in (x, W, mix) equals the composition's."""
+    if backends.why_unavailable("linear", "triton", torch.device("cpu")) is not None:
+        pytest.skip(backends.why_unavailable("linear", "triton", torch.device("cpu")))
+    lay = tk.Layout.prefix((6, 5), [[3, 6], [2, 5]])
+    torch.manual_seed(3)
+    x0, w0 = torch.randn(4, 5), torch.randn(lay.shape)
+    m0 = torch.rand(lay.K)
+
+    def second(fn):
+        x, w, m = (t.clone().requires_grad_() for t in (x0, w0, m0))
+        gx, gw, gm = torch.autograd.grad((fn(x, w, m) ** 2).sum(), (x, w, m), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum() + gm.square().sum(), (x, w, m))
+
+    got = second(lambda x, w, m: tk.entangled_linear(x, w, None, m, lay, backend="triton"))
+    want = second(lambda x, w, m: torch.nn.functional.linear(x, superpose_reference(w, m, lay)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
