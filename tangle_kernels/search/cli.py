@@ -174,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         "for N steps and report its validation loss (0: skip)",
     )
     p.add_argument(
+        "--max-params", type=float, default=None, metavar="N",
+        help="budget: derive the best architecture with at most N parameters (the "
+        "architecture step gains a Lagrange-multiplier constraint on the expected count)",
+    )
+    p.add_argument(
+        "--max-macs", type=float, default=None, metavar="N",
+        help="budget: at most N multiply-accumulates per sample (with --max-params: both)",
+    )
+    p.add_argument(
         "--benchmark",
         default=None,
         metavar="FILE",
@@ -231,7 +240,7 @@ def _config(space, args, base: dict | None = None):
 
     names = ["sampler", "steps", "epochs", "batch_size", "lr", "seed", "checkpoint_every",
              "arch_lr", "warmup_steps", "eval_every", "eval_batches", "retrain_steps",
-             "precision", *sampler_options()]
+             "precision", "max_params", "max_macs", *sampler_options()]
     flags = {n: getattr(args, n, None) for n in names}
     if getattr(args, "unrolled", False):
         flags["unrolled"] = True
@@ -338,6 +347,10 @@ def cmd_search(argv: Sequence[str]) -> int:
         _say("")
         _say(f"derived architecture: {result['arch_str']}")
         _say(f"  parameters: {result['params']:,} (supernet {result['params_supernet']:,})")
+        for k, lim in (result.get("budget") or {}).items():
+            kind = k.removeprefix("max_")
+            _say(f"  budget: {kind} {result['costs'][kind]:,} of at most {lim:,.0f} "
+                 f"({100 * result['budget_margin'][kind]:.1f}% to spare)")
         _say(f"  validation (inherited supernet weights): {_fmt_metrics(result['val'])}")
         if "scratch" in result:
             s = result["scratch"]

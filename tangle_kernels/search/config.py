@@ -63,6 +63,12 @@ class _Core:
     #: fp32 | tf32 (float32 weights, CUDA matmuls/convolutions on TF32 tensor cores)
     #: | bf16 (autocast forward in bfloat16; weights, grads and optimizer states float32)
     precision: str = "fp32"
+    #: budget (``budget.py``): the derived architecture has at most this many parameters
+    max_params: float | None = None
+    #: budget: at most this many MACs per sample (the spaces' MAC convention)
+    max_macs: float | None = None
+    #: dual-ascent rate of the budget's Lagrange multipliers
+    budget_rate: float = 1.0
 
     @property
     def optimizer(self) -> str:
@@ -131,6 +137,12 @@ class _Core:
             v = getattr(self, n)
             if not math.isfinite(v):
                 raise SearchError(f"{n}={v}: must be finite")
+        for n in ("max_params", "max_macs"):
+            v = getattr(self, n)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise SearchError(f"--{n.replace('_', '-')} {v}: must be positive and finite")
+        if not (self.budget_rate > 0 and math.isfinite(self.budget_rate)):
+            raise SearchError(f"budget_rate={self.budget_rate}: must be > 0 and finite")
         if self.lr_min < 0 or self.lr_min > self.lr:
             raise SearchError(f"lr_min={self.lr_min}: must be in [0, lr={self.lr}]")
         for n, (opt, _) in sampler_options().items():

@@ -53,6 +53,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ..nn.cost import CostError, CostModel
+from .budget import Budget, BudgetError, Lagrangian, constrained_argmax, costs_of
 from .common import (
     cosine_lr,
     derive_seed,
@@ -159,6 +161,7 @@ class Search:
             generator=generator(derive_seed(cfg.seed, 0, "alpha")), device=dev,
             total_steps=self.total,
         )
+        self._setup_budget()
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise SearchError(f"space {self.space.name!r}: the supernet has no trainable weights")
@@ -182,6 +185,32 @@ class Search:
         else:
             self.ddp = self.model
 
+    def _setup_budget(self) -> None:
+        """``--max-params`` / ``--max-macs``: the cost model of the supernet, the
+        Lagrangian of the architecture step, and an early error when nothing fits."""
+        cfg = self.cfg
+        self.budget = Budget.of(cfg.max_params, cfg.max_macs)
+        self.cost_model = self.lagrangian = None
+        if not self.budget:
+            return
+        example = None
+        if "macs" in self.budget.limits:
+            example = self.data.batch("val", 2, generator(derive_seed(cfg.seed, 0, "cost")),
+                                      self.device)[0]
+        try:
+            self.cost_model = CostModel(self.model, self.space.choices, example=example)
+            uniform = {n: [1.0] * len(v) for n, v in self.space.choices.items()}
+            constrained_argmax(self.cost_model, uniform, self.budget)  # raises if none fits
+            if self.sampler.trains_arch:
+                self.lagrangian = Lagrangian(self.cost_model, self.budget, rate=cfg.budget_rate)
+        except (BudgetError, CostError) as e:
+            raise SearchError(f"budget: {e}") from None
+
+    def fits(self, selection: Mapping[str, Any]) -> bool:
+        """Whether ``selection`` is within the budget (True without one)."""
+        return not self.budget or self.budget.fits(costs_of(self.cost_model, selection,
+                                                            list(self.budget.limits)))
+
     # -------------------------------------------------------------- checkpoints
     def _state(self, step: int) -> dict:
         return {
@@ -197,6 +226,7 @@ class Search:
             "w_opt": self.w_opt.state_dict(),
             "a_opt": self.a_opt.state_dict() if self.a_opt is not None else None,
             "alphas": self.sampler.state_dict(),
+            "budget": self.lagrangian.state_dict() if self.lagrangian is not None else None,
             "rng": rng_state(self.device),
             "torch": str(torch.__version__),
         }
@@ -222,6 +252,8 @@ class Search:
             if self.a_opt is not None and ck.get("a_opt") is not None:
                 self.a_opt.load_state_dict(ck["a_opt"])
             self.sampler.load_state_dict(ck["alphas"])
+            if self.lagrangian is not None and ck.get("budget") is not None:
+                self.lagrangian.load_state_dict(ck["budget"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SearchError(
@@ -271,11 +303,16 @@ class Search:
                 self._last_sample = {n: v.detach().cpu().tolist() for n, v in arch.items()}
                 set_arch(self.model, arch)
                 lv = self._loss(self.model, val_batch, weight_grads=False)
-                lv.backward(inputs=alphas)
+                obj = lv if self.lagrangian is None else lv + self.lagrangian.term(arch)
+                obj.backward(inputs=alphas)
             set_arch(self.model, None)
+            if cfg.unrolled and self.lagrangian is not None:  # the budget's term, a new sample
+                self.lagrangian.term(self.sampler.sample(noise, step)).backward(inputs=alphas)
             D.average_grads(alphas, self.dist)
             self.a_opt.step()
             rec["arch_loss"] = float(lv.detach())
+            if self.lagrangian is not None:
+                rec.update(self.lagrangian.update(self.sampler.probs()))
 
         # 2. weight step (train split)
         set_arch(self.model, detach_arch(self.sampler.sample(noise, step)))

@@ -62,8 +62,17 @@ def _selection_context(search) -> SelectionContext:
         v = float(search.evaluate_selection(sel, batches)[search.space.metric])
         return v if search.space.minimize else -v
 
+    fits = best_within = None
+    if getattr(search, "budget", None):
+        from .budget import constrained_argmax
+
+        fits = search.fits
+
+        def best_within(probs):
+            return constrained_argmax(search.cost_model, probs, search.budget)
+
     return SelectionContext(cfg=cfg, score=score, seed=derive_seed(cfg.seed, 0, "spos"),
-                            log=search.log)
+                            log=search.log, fits=fits, best_within=best_within)
 
 
 def _gather(search, selection) -> list[dict]:
@@ -90,8 +99,17 @@ def finish(search) -> dict:
     """Save the final checkpoint, select and report (see the module docstring)."""
     cfg, space, sampler = search.cfg, search.space, search.sampler
     search.save(search.total)
-    selection, history = sampler.select(_selection_context(search))
+    from .budget import BudgetError, costs_of
+
+    try:
+        selection, history = sampler.select(_selection_context(search))
+    except BudgetError as e:
+        raise SearchError(f"budget: {e}") from None
     selection = space.check_selection(selection)
+    budget = getattr(search, "budget", None)
+    if budget and not search.fits(selection):  # never report an architecture over budget
+        raise SearchError(f"budget: the selected architecture {selection} does not fit "
+                          f"{budget.to_dict()} (a bug: please report it)")
     gathered = _gather(search, selection)
 
     sup = search.evaluate_selection(selection)
@@ -129,6 +147,13 @@ def finish(search) -> dict:
             "rank_weights_sum": [g["weights_sum"] for g in gathered],
             "ranks_agree": all(g == gathered[0] for g in gathered),
         }
+    if budget:
+        costs = costs_of(search.cost_model, selection, list(budget.limits))
+        result["budget"] = budget.to_dict()
+        result["costs"] = costs
+        result["budget_margin"] = budget.margins(costs)
+        if search.lagrangian is not None:
+            result["budget_multipliers"] = search.lagrangian.state_dict()
     if history is not None:
         result["spos_history"] = history
     result["decided"] = sampler.decision(history, cfg)

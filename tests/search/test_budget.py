@@ -110,7 +110,7 @@ def test_lagrangian_pushes_the_expected_cost_under_the_limit():
     # limit and the alphas move towards cheaper architectures until it fits
     start = float(cm.expected(probs()).detach())
     assert start > budget.limits["params"]
-    assert float(lag.term(probs())) == 0.0  # lambda starts at 0
+    assert float(lag.term(probs()).detach()) == 0.0  # lambda starts at 0
     for _ in range(200):
         opt.zero_grad()
         t = lag.term(probs())
@@ -131,3 +131,88 @@ def test_lagrangian_pushes_the_expected_cost_under_the_limit():
     for _ in range(3):
         slack.update(probs())
     assert slack.lam == {"params": 0.0}
+
+
+# ------------------------------------------------------------------ the search driver
+from tangle_kernels.search.engine import Search, SearchConfig  # noqa: E402
+from tangle_kernels.search.samplers import SAMPLERS  # noqa: E402
+
+
+def _run(sp, data, tmp_path, **kw):
+    cfg = SearchConfig(steps=kw.pop("steps", 3), batch_size=4, eval_batches=1, checkpoint_every=0,
+                       spos_budget=4, spos_population=2, spos_eval_batches=1, **kw)
+    res = Search(sp, data, cfg, out=str(tmp_path), progress=False, log=lambda m: None).run()
+    import json
+
+    return res, json.loads((tmp_path / "arch.json").read_text())
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_search_derives_within_the_budget(sampler, tmp_path):
+    sp = make_space("nanogpt", preset="tiny")
+    data = sp.make_data("synthetic")
+    cm = CostModel(sp.build_supernet(data), sp.choices)
+    lo, hi = cm.bounds("params")
+    limit = lo + 0.3 * (hi - lo)
+    res, doc = _run(sp, data, tmp_path, sampler=sampler, max_params=limit)
+    assert doc["budget"] == {"max_params": limit}
+    assert doc["costs"]["params"] == cm.params(doc["arch"]) == res["params"] <= limit
+    assert doc["budget_margin"]["params"] == pytest.approx(1 - doc["costs"]["params"] / limit)
+    if SAMPLERS[sampler].trains_arch:  # the multiplier is recorded in the metrics
+        import json
+
+        recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        trains = [r for r in recs if r.get("kind") == "train"]
+        assert all("lambda_params" in r and "expected_params" in r for r in trains)
+        assert doc["budget_multipliers"]["params"] == trains[-1]["lambda_params"]
+
+
+def test_search_budget_on_macs_of_a_vision_space_and_resume(tmp_path):
+    sp = make_space("conv-macro", preset="tiny")
+    data = sp.make_data("synthetic")
+    model = sp.build_supernet(data)
+    x, _ = data.batch("val", 2, torch.Generator().manual_seed(0))
+    cm = CostModel(model, sp.choices, example=x)
+    sel = {n: v[0] for n, v in sp.choices.items()}
+    limit = cm.macs(sel) * 1.05
+    res, doc = _run(sp, data, tmp_path / "a", sampler="drnas", max_macs=limit, steps=4)
+    assert doc["costs"]["macs"] <= limit and doc["costs"]["macs"] == sp.arch_macs(doc["arch"])
+    # interrupted after 2 steps and resumed: the same alphas, multipliers and architecture
+    cfg = SearchConfig(sampler="drnas", steps=4, batch_size=4, eval_batches=1, checkpoint_every=0,
+                       max_macs=limit)
+    s = Search(sp, data, cfg, out=str(tmp_path / "b"), progress=False, log=lambda m: None,
+               on_step=lambda search, step: search.request_stop() if step == 1 else None)
+    with pytest.raises(KeyboardInterrupt):
+        s.run()
+    res2 = Search(sp, data, cfg, out=str(tmp_path / "b"), resume=True, progress=False,
+                  log=lambda m: None).run()
+    import json
+
+    doc2 = json.loads((tmp_path / "b" / "arch.json").read_text())
+    assert doc2["arch"] == doc["arch"] and doc2["alphas"] == doc["alphas"]
+    assert doc2["budget_multipliers"] == doc["budget_multipliers"]
+
+
+def test_a_budget_nothing_fits_is_refused_before_training(tmp_path):
+    from tangle_kernels.search.config import SearchError
+
+    sp = make_space("nanogpt", preset="tiny")
+    data = sp.make_data("synthetic")
+    cfg = SearchConfig(steps=50, batch_size=4, eval_batches=1, max_params=10)
+    s = Search(sp, data, cfg, out=str(tmp_path), progress=False, log=lambda m: None)
+    with pytest.raises(SearchError, match="budget: no architecture of the space fits --max-params 10"):
+        s.run()
+    assert not (tmp_path / "metrics.jsonl").exists() or "train" not in (tmp_path / "metrics.jsonl").read_text()
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(SearchError, match="must be positive and finite"):
+            SearchConfig(max_params=bad).check()
+
+
+def test_cli_budget_flags(tmp_path, capsys):
+    from tangle_kernels.search.cli import main
+
+    rc = main(["--space", "nanogpt", "--preset", "tiny", "--data", "synthetic", "--steps", "2",
+               "--batch-size", "4", "--max-params", "10", "--out", str(tmp_path / "r"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("tangle-search: error: budget:"), err

@@ -69,6 +69,10 @@ class SelectionContext:
     score: Callable[[Mapping[str, Any], int], float]
     seed: int
     log: Callable[[str], None]
+    #: under a budget: whether a selection fits it (None: no budget)
+    fits: Callable[[Mapping[str, Any]], bool] | None = None
+    #: under a budget: the most probable selection of ``probs`` that fits it
+    best_within: Callable[[Mapping[str, Any]], dict] | None = None
 
 
 def linear_tau(step: int, total_steps: int, tau_max: float, tau_min: float) -> float:
@@ -157,7 +161,10 @@ class Sampler:
 
     def select(self, ctx: SelectionContext) -> tuple[dict, list | None]:
         """The final architecture and the history of scored selections (None: none
-        scored). Trained samplers: :meth:`derive`."""
+        scored). Trained samplers: :meth:`derive`; under a budget the most probable
+        architecture that fits it."""
+        if ctx.best_within is not None:
+            return ctx.best_within({n: p.tolist() for n, p in self.probs().items()}), None
         return self.derive(), None
 
     def decision(self, history: list | None, cfg) -> dict:

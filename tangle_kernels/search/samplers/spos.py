@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...nn.arch import HardArch
+from ..budget import BudgetError
 from ..evolution import evolution, random_search
 from .base import Option, Sampler, SelectionContext
 
@@ -52,14 +55,22 @@ class SPOSSampler(Sampler):
         fn = evolution if cfg.spos_search == "evolution" else random_search
         kw = {"population": cfg.spos_population} if fn is evolution else {}
         ctx.log(f"SPOS: {cfg.spos_search} over the trained supernet ({cfg.spos_budget} evaluations)")
+        def score(sel):  # an architecture over the budget is never scored nor chosen
+            if ctx.fits is not None and not ctx.fits(sel):
+                return math.inf
+            return ctx.score(sel, cfg.spos_eval_batches)
+
         selection, _, hist = fn(
             self.choices,
-            lambda sel: ctx.score(sel, cfg.spos_eval_batches),
+            score,
             budget=cfg.spos_budget,
             seed=ctx.seed,
             **kw,
         )
-        return selection, [{"arch": s, "score": v} for s, v in hist]
+        if ctx.fits is not None and not ctx.fits(selection):
+            raise BudgetError(f"SPOS: none of the {cfg.spos_budget} architectures it drew fits "
+                              "the budget (raise --spos-budget, or loosen the budget)")
+        return selection, [{"arch": s, "score": v} for s, v in hist if math.isfinite(v)]
 
     def decision(self, history, cfg):
         """The supernet scores of the best and runner-up selections."""
