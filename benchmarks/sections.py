@@ -12,7 +12,6 @@ writer never leaves a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -38,18 +37,11 @@ def replace_section(text: str, name: str, body: str, *, heading: str | None = No
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a unique temp file in the same folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` through a temp file unique to this writer in the same
+    folder (the library's :func:`tangle_kernels.search.runlog.atomic_write`)."""
+    from tangle_kernels.search.runlog import atomic_write
+
+    atomic_write(path, lambda f: f.write(text))
 
 
 def write_section(path: str | os.PathLike, name: str, body: str, *,
