@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from ..nn.cost import CostModel
+from ..nn.cost import CostError, CostModel
 
-__all__ = ["Budget", "BudgetError", "Lagrangian", "constrained_argmax", "costs_of"]
+__all__ = ["Budget", "BudgetError", "Lagrangian", "constrained_argmax", "costs_of", "setup", "fits"]
 
 KINDS = ("params", "macs")
 
@@ -226,3 +226,35 @@ def _beam(cm, probs, budget, names, sizes, kinds, width, sel_of, fits):
             return sel_of(idx)
     raise BudgetError("no architecture of the space fits " + ", ".join(
         f"--max-{k} {v:g}" for k, v in budget.limits.items()) + " (beam search)")
+
+
+def setup(search):
+    """A search's ``(budget, cost model, Lagrangian)`` from its config (``--max-params``,
+    ``--max-macs``): the cost model of its supernet (with an example validation batch
+    for MACs), a check that some architecture fits (else a one-line SearchError before
+    any training) and the Lagrangian when the sampler trains the architecture."""
+    from .common import derive_seed, generator
+    from .config import SearchError
+
+    cfg = search.cfg
+    budget = Budget.of(cfg.max_params, cfg.max_macs)
+    if not budget:
+        return budget, None, None
+    example = None
+    if "macs" in budget.limits:
+        example = search.data.batch("val", 2, generator(derive_seed(cfg.seed, 0, "cost")),
+                                    search.device)[0]
+    try:
+        cm = CostModel(search.model, search.space.choices, example=example)
+        uniform = {n: [1.0] * len(v) for n, v in search.space.choices.items()}
+        constrained_argmax(cm, uniform, budget)  # raises when nothing fits
+        lag = Lagrangian(cm, budget, rate=cfg.budget_rate) if search.sampler.trains_arch else None
+    except (BudgetError, CostError) as e:
+        raise SearchError(f"budget: {e}") from None
+    return budget, cm, lag
+
+
+def fits(search, selection: Mapping[str, Any]) -> bool:
+    """Whether ``selection`` is within ``search``'s budget (True without one)."""
+    b = search.budget
+    return not b or b.fits(costs_of(search.cost_model, selection, list(b.limits)))

@@ -53,8 +53,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ..nn.cost import CostError, CostModel
-from .budget import Budget, BudgetError, Lagrangian, constrained_argmax, costs_of
+from .budget import fits as budget_fits
+from .budget import setup as budget_setup
 from .common import (
     cosine_lr,
     derive_seed,
@@ -186,30 +186,12 @@ class Search:
             self.ddp = self.model
 
     def _setup_budget(self) -> None:
-        """``--max-params`` / ``--max-macs``: the cost model of the supernet, the
-        Lagrangian of the architecture step, and an early error when nothing fits."""
-        cfg = self.cfg
-        self.budget = Budget.of(cfg.max_params, cfg.max_macs)
-        self.cost_model = self.lagrangian = None
-        if not self.budget:
-            return
-        example = None
-        if "macs" in self.budget.limits:
-            example = self.data.batch("val", 2, generator(derive_seed(cfg.seed, 0, "cost")),
-                                      self.device)[0]
-        try:
-            self.cost_model = CostModel(self.model, self.space.choices, example=example)
-            uniform = {n: [1.0] * len(v) for n, v in self.space.choices.items()}
-            constrained_argmax(self.cost_model, uniform, self.budget)  # raises if none fits
-            if self.sampler.trains_arch:
-                self.lagrangian = Lagrangian(self.cost_model, self.budget, rate=cfg.budget_rate)
-        except (BudgetError, CostError) as e:
-            raise SearchError(f"budget: {e}") from None
+        """``--max-params`` / ``--max-macs`` (``budget.setup``)."""
+        self.budget, self.cost_model, self.lagrangian = budget_setup(self)
 
     def fits(self, selection: Mapping[str, Any]) -> bool:
         """Whether ``selection`` is within the budget (True without one)."""
-        return not self.budget or self.budget.fits(costs_of(self.cost_model, selection,
-                                                            list(self.budget.limits)))
+        return budget_fits(self, selection)
 
     # -------------------------------------------------------------- checkpoints
     def _state(self, step: int) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 from ..base import EntangledModule
 from ..spec import check_choices
 from . import attention as _attention  # noqa: F401  (registers its converters)
+from . import attention_hf as _attention_hf  # noqa: F401  (registers its converters)
 from . import layers as _layers  # noqa: F401
 from .check import check_flow
 from .layers import layer_norm_converter
