@@ -11,7 +11,7 @@ nanogpt         tangle_kernels.spaces.nanogpt:NanoGPTSpace              char-lev
 conv-macro      tangle_kernels.spaces.conv_macro:ConvMacroSpace         toy conv macro
 entangled-cell  tangle_kernels.spaces.cells:EntangledCellSpace          toy entangled cell
 nb201           tangle_kernels.spaces.cells:NB201Space                  NAS-Bench-201 cell
-darts           tangle_kernels.spaces.cells:DartsCellSpace              DARTS cell
+darts           tangle_kernels.spaces.darts:DartsCellSpace              DARTS cell
 autoformer      tangle_kernels.spaces.autoformer:AutoFormerSpace        AutoFormer ViT
 mobilenetv3     tangle_kernels.spaces.mobilenetv3:MobileNetV3Space      MobileNetV3 / OFA
 ==============  ======================================================  ==================
@@ -43,7 +43,7 @@ SPACES: dict[str, str] = {
     "conv-macro": "tangle_kernels.spaces.conv_macro:ConvMacroSpace",
     "entangled-cell": "tangle_kernels.spaces.cells:EntangledCellSpace",
     "nb201": "tangle_kernels.spaces.cells:NB201Space",
-    "darts": "tangle_kernels.spaces.cells:DartsCellSpace",
+    "darts": "tangle_kernels.spaces.darts:DartsCellSpace",
     "autoformer": "tangle_kernels.spaces.autoformer:AutoFormerSpace",
     "mobilenetv3": "tangle_kernels.spaces.mobilenetv3:MobileNetV3Space",
 }
