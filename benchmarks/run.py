@@ -436,6 +436,10 @@ def _other_records(results_dir: Path, target: Path) -> list[str]:
                     + ", ".join(link(p) for p in sq)
                     + (f"; summarised in {link(doc).replace(doc.name + ']', 'docs/search-quality.md]')}"
                        if doc.exists() else ""))
+    models = sorted(results_dir.glob("*-models-*.md"))
+    if models:
+        rows.append("- entangle()d models against the originals (`python benchmarks/bench_models.py`): "
+                    + ", ".join(link(p) for p in models))
     lane = sorted(results_dir.glob("*-gpu-lane.md"))
     if lane:
         rows.append("- the last GPU lane (`scripts/gpu_lane.sh`): " + link(lane[-1]))
