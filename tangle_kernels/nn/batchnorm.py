@@ -3,7 +3,7 @@ companion of :class:`~tangle_kernels.nn.EntangledConv2d`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch

@@ -75,7 +75,7 @@ def graph_grads(qkv, a, b, plan, causal: bool, dropout_p: float, seeds, dy, need
     return graph_backward(fn, (qkv, a, b), needs, (dy,))
 
 
-def node_forward(qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float, seeds):
+def node_forward(qkv, a, b, plan: hp.PartitionPlan, causal: bool, dropout_p: float, seeds):
     """The CPU node's forward: per head count the gather of q | k | v (C++ kernel, one
     pass), one attention call (torch's flash kernel without dropout; the fused kernel
     with dropout, its mask from ``seeds[j]``), the scatter of its output into ``y``.
@@ -110,7 +110,7 @@ def node_forward(qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float,
     return y, outs, lses
 
 
-def node_backward(dy, qkv, a, b, plan: PartitionPlan, causal: bool, dropout_p: float, seeds,
+def node_backward(dy, qkv, a, b, plan: hp.PartitionPlan, causal: bool, dropout_p: float, seeds,
                    outs, lses, need_a: bool, need_b: bool):
     """The CPU node's backward: ``(dqkv, d a as floats or None, d b or None)``; recomputes
     the gathers (and the dropout masks from the seeds)."""

@@ -68,7 +68,7 @@ def _selection_context(search) -> SelectionContext:
 
         fits = search.fits
 
-        def best_within(probs):
+        def best_within(probs):  # noqa: F811 (None without a budget)
             return constrained_argmax(search.cost_model, probs, search.budget)
 
     return SelectionContext(cfg=cfg, score=score, seed=derive_seed(cfg.seed, 0, "spos"),

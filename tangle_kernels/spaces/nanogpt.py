@@ -42,7 +42,6 @@ path to any text file (char-level; first 90% train, the rest validation), or
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
