@@ -184,8 +184,8 @@ def test_search_budget_on_macs_of_a_vision_space_and_resume(tmp_path):
                on_step=lambda search, step: search.request_stop() if step == 1 else None)
     with pytest.raises(KeyboardInterrupt):
         s.run()
-    res2 = Search(sp, data, cfg, out=str(tmp_path / "b"), resume=True, progress=False,
-                  log=lambda m: None).run()
+    Search(sp, data, cfg, out=str(tmp_path / "b"), resume=True, progress=False,
+           log=lambda m: None).run()
     import json
 
     doc2 = json.loads((tmp_path / "b" / "arch.json").read_text())
@@ -209,10 +209,9 @@ def test_a_budget_nothing_fits_is_refused_before_training(tmp_path):
 
 
 def test_cli_budget_flags(tmp_path, capsys):
-    from tangle_kernels.search.cli import main
+    from cli_util import assert_one_error, run_cli
 
-    rc = main(["--space", "nanogpt", "--preset", "tiny", "--data", "synthetic", "--steps", "2",
-               "--batch-size", "4", "--max-params", "10", "--out", str(tmp_path / "r"),
-               "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("tangle-search: error: budget:"), err
+    rc, _, err = run_cli(["--space", "nanogpt", "--preset", "tiny", "--data", "synthetic",
+                          "--steps", "2", "--batch-size", "4", "--max-params", "10",
+                          "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert_one_error(rc, err, "budget: no architecture of the space fits --max-params 10")

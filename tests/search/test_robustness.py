@@ -14,8 +14,9 @@ import stat
 import pytest
 import torch
 
+from cli_util import assert_one_error, run_cli
+
 from tangle_kernels.nn.arch import HardArch, check_arch
-from tangle_kernels.search.cli import main
 from tangle_kernels.search.decision import decision_report, entropy, format_decision
 from tangle_kernels.search.rundir import RunDir
 
@@ -31,18 +32,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _run(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = run_cli
 
 
-def _one_error(rc, err, part):
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tangle-search: error: ") and part in lines[0], lines[0]
-    assert "Traceback" not in err
+_one_error = assert_one_error
 
 
 def _text(path, seed, n=3000, alphabet="abcdefgh \n"):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from cli_util import run_cli
 
 from tangle_kernels.search.cli import main
 
@@ -35,10 +36,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _run(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = run_cli
 
 
 def test_cli_search_train_and_outputs(tmp_path, capsys):

@@ -59,6 +59,16 @@ def _spec(specs: Mapping, name: str, default):
     return specs.get(name, default)
 
 
+def _check_largest(new: EntangledAttention, E: int, H: int, e_name: str, h_name: str,
+                   extra_ok: bool = True) -> None:
+    """The largest candidate must be the converted layer itself (its weights are kept)."""
+    if new.embed_dim != E or new.num_heads != H or not extra_ok:
+        raise ValueError(
+            f"the largest candidate (embed_dim {new.embed_dim}, num_heads {new.num_heads}) must "
+            f"be the layer's ({e_name} {E}, {h_name} {H})"
+        )
+
+
 def _on(new: EntangledAttention, like: torch.Tensor) -> EntangledAttention:
     """Rebuild the index tables of an attention built on the meta device on the device
     of ``like`` (the weights are assigned by the caller)."""
@@ -126,11 +136,7 @@ def _timm_attention(m, specs, choices, options):
         dropout=float(m.attn_drop.p),
         device="meta",
     )
-    if new.embed_dim != E or new.num_heads != m.num_heads:
-        raise ValueError(
-            f"the largest candidate (embed_dim {new.embed_dim}, num_heads {new.num_heads}) must "
-            f"be the layer's (embed_dim {E}, num_heads {m.num_heads})"
-        )
+    _check_largest(new, E, m.num_heads, "embed_dim", "num_heads")
     _copy_linear(new.qkv, m.qkv)
     _copy_linear(new.proj, m.proj)
     new.proj_drop = m.proj_drop
@@ -225,11 +231,7 @@ def _nanogpt_attention(m, specs, choices, options):
         dropout=float(m.dropout),
         device="meta",
     )
-    if new.embed_dim != E or new.num_heads != H:
-        raise ValueError(
-            f"the largest candidate (embed_dim {new.embed_dim}, num_heads {new.num_heads}) must "
-            f"be the layer's (n_embd {E}, n_head {H})"
-        )
+    _check_largest(new, E, H, "n_embd", "n_head")
     _copy_linear(new.qkv, m.c_attn)
     _copy_linear(new.proj, m.c_proj)
     new.resid_dropout = m.resid_dropout
@@ -343,11 +345,7 @@ def _mha(m, specs, choices, options):
         dropout=float(m.dropout),
         device="meta",
     )
-    if new.embed_dim != E or new.num_heads != H:
-        raise ValueError(
-            f"the largest candidate (embed_dim {new.embed_dim}, num_heads {new.num_heads}) must "
-            f"be the layer's (embed_dim {E}, num_heads {H})"
-        )
+    _check_largest(new, E, H, "embed_dim", "num_heads")
     new.qkv.weight, new.qkv.bias = m.in_proj_weight, m.in_proj_bias
     _copy_linear(new.proj, m.out_proj)
     new.batch_first = m.batch_first

@@ -22,7 +22,7 @@ from torch import nn
 from ..attention import EntangledAttention
 from ..base import EntangledModule
 from ..norm import EntangledLayerNorm
-from .attention import _copy_linear, _on, _spec, _stock_linear
+from .attention import _check_largest, _copy_linear, _on, _spec, _stock_linear
 from .registry import Converter, Origin, copy_state, refuse_tied, register_converter, retype
 
 __all__ = ["EntangledGPT2Attention", "EntangledBertAttention"]
@@ -115,11 +115,7 @@ def _gpt2_attention(m, specs, choices, options):
         dropout=float(m.attn_dropout.p),
         device="meta",
     )
-    if new.embed_dim != E or new.num_heads != H:
-        raise ValueError(
-            f"the largest candidate (embed_dim {new.embed_dim}, num_heads {new.num_heads}) must "
-            f"be the layer's (embed_dim {E}, num_heads {H})"
-        )
+    _check_largest(new, E, H, "embed_dim", "num_heads")
     for ent, conv in ((new.qkv, m.c_attn), (new.proj, m.c_proj)):
         ent.weight = nn.Parameter(
             conv.weight.detach().t().contiguous(), requires_grad=conv.weight.requires_grad
@@ -233,11 +229,8 @@ def _bert_attention(m, specs, choices, options):
         dropout=float(sa.dropout.p),
         device="meta",
     )
-    if new.embed_dim != E or new.num_heads != H or so.dense.out_features != E:
-        raise ValueError(
-            f"the largest candidate (embed_dim {new.embed_dim}, num_heads {new.num_heads}) must "
-            f"be the layer's (hidden_size {E}, num_attention_heads {H})"
-        )
+    _check_largest(new, E, H, "hidden_size", "num_attention_heads",
+                   extra_ok=so.dense.out_features == E)
     w = torch.cat([sa.query.weight.detach(), sa.key.weight.detach(), sa.value.weight.detach()])
     new.qkv.weight = nn.Parameter(w, requires_grad=sa.query.weight.requires_grad)
     if sa.query.bias is not None:
