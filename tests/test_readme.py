@@ -70,11 +70,11 @@ def test_named_scripts_exist():
 
 
 def _search_flags() -> set[str]:
-    """Every option string of ``tangle-search`` and ``tangle-search train``."""
+    """Every option string of ``tangle-search`` and its ``train`` and ``pareto`` commands."""
     from tangle_kernels.search import cli
 
     flags: set[str] = set()
-    for parser in (cli.build_parser(), cli.build_train_parser()):
+    for parser in (cli.build_parser(), cli.build_train_parser(), cli.build_pareto_parser()):
         for action in parser._actions:
             flags.update(s for s in action.option_strings if s.startswith("--"))
     return flags

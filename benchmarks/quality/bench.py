@@ -106,7 +106,10 @@ class Bench:
                       "grad_clip", "eval_batches", "eval_batch_size", "precision")
         }
         data_id = getattr(self.data, "name", str(args.data))
-        if args.data not in (None, "synthetic") and os.path.isfile(args.data):
+        corpus = getattr(args, "corpus_ident", None)
+        if corpus:  # a piece of the held-out protocol: named by its source, range and hash
+            data_id = corpus
+        elif args.data not in (None, "synthetic") and os.path.isfile(args.data):
             st = os.stat(args.data)
             data_id = f"{os.path.basename(args.data)}:{st.st_size}"
         # the space as its choices and the hparams that differ from the class defaults (a
@@ -201,7 +204,8 @@ class Bench:
             kw["spos_search"] = spos_search
         cfg = self.cfg(**kw)
         out = os.path.join(self.run_root,
-                           f"probe{os.getpid()}-{name}" if probe else f"{name}-s{seed}")
+                           f"probe{os.getpid()}-{name}" if probe else
+                           f"{name}-{self.config_hash}-s{seed}")
         if os.path.isdir(out):
             shutil.rmtree(out)
         # SPOS + evolution and SPOS + random train the same supernet (same seed, steps and
@@ -211,7 +215,7 @@ class Bench:
         shared, t_train = None, 0.0
         if opt == "spos" and not probe:
             other = "spos+random" if spos_search == "evolution" else "spos+evolution"
-            src = os.path.join(self.run_root, f"{other}-s{seed}")
+            src = os.path.join(self.run_root, f"{other}-{self.config_hash}-s{seed}")
             info = os.path.join(src, "supernet.json")
             if os.path.exists(info):
                 with open(info, encoding="utf-8") as f:
@@ -239,7 +243,7 @@ class Bench:
             write_json(os.path.join(out, "supernet.json"),
                        {"steps": steps, "config": self.config_diff,
                         "train_time": recs[-1]["time"] if recs else 0.0}, indent=None)
-        else:
+        elif not getattr(self.args, "keep_checkpoints", False):
             try:
                 os.remove(os.path.join(out, "checkpoint.pt"))
             except OSError:
@@ -332,6 +336,7 @@ class Bench:
             "decided": decidedness(res.get("decided")),
             "decision": res.get("decided"),
             "shared_supernet": res.get("_shared_supernet"),
+            "race": res.get("race"),
             "metrics": os.path.relpath(os.path.join(res["_out"], "metrics.jsonl"), ROOT),
         }
         return rec

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a search setting (all runs)")
     p.add_argument("--data", default=None, help="text file (default: the embedded corpus)")
+    p.add_argument("--corpus", default=None, metavar="NAME",
+                   help="a corpus of the held-out protocol (benchmarks/quality/corpora.py; "
+                   "instead of --data)")
     p.add_argument("--steps", type=int, default=None,
                    help="search steps of the default (drnas) run (default: the space's)")
     p.add_argument("--retrain-steps", type=int, default=400,
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Markdown file whose search-quality section is regenerated "
                    "(default docs/search-quality.md)")
     p.add_argument("--no-readme", action="store_true", help="do not regenerate that section")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the searches' final checkpoints (for benchmarks/quality/diagnose.py)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: tiny preset, few steps (not a measurement)")
     return p
@@ -65,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.set = ["batch_size=4", "eval_batches=2", "spos_budget=4", "spos_population=2",
                     "spos_eval_batches=1", *args.set]
         args.probe_steps = min(args.probe_steps, 4)
+    if args.corpus:
+        from .corpora import get, materialize
+
+        if args.data:
+            raise SystemExit("--corpus and --data: give one")
+        c = get(args.corpus)
+        args.data = materialize(c)
+        args.corpus_ident = c.ident
+        args.tag = args.tag or c.name
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     bench = Bench(args)
     ref = bench.reference() if args.stage in ("all", "reference") else \

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget: at most N multiply-accumulates per sample (with --max-params: both)",
     )
     p.add_argument(
+        "--pareto", action="store_true",
+        help="after the search, the parameter / supernet-loss front of the trained supernet "
+        "at the space's 10-90th percentile budgets (pareto.json, pareto.png; "
+        f"'{PROG} pareto OUT' for other budgets and to extract a point)",
+    )
+    p.add_argument(
         "--benchmark",
         default=None,
         metavar="FILE",
@@ -337,6 +343,10 @@ def cmd_search(argv: Sequence[str]) -> int:
             f"output {out}"
         )
     result = search.run()
+    if args.pareto and main_rank:
+        from .pareto import write_front
+
+        _say_front(write_front(search, out), out)
     if args.benchmark is not None:
         result["benchmark"] = space.query_benchmark(result["arch"], args.benchmark)
         if main_rank:
@@ -359,6 +369,7 @@ def cmd_search(argv: Sequence[str]) -> int:
             )
         if "benchmark" in result:
             _say(f"  benchmark: {_fmt_metrics(result['benchmark'])}")
+        _say_race(result.get("race"))
         _say_decision(result.get("decided"))
         saved = ["arch.json", "metrics.jsonl", "checkpoint.pt"]
         if result.get("plot"):
@@ -368,6 +379,20 @@ def cmd_search(argv: Sequence[str]) -> int:
 
     shutdown(search.dist)
     return 0
+
+
+def _say_race(race: dict | None) -> None:
+    if not race:
+        return
+    entries = race["contenders"]
+    metric = next(k for k in entries[0] if k not in ("arch", "arch_str", "params", "time_s"))
+    won = "the most probable architecture" if race["argmax_won"] else \
+        f"contender {race['winner'] + 1} (not the most probable)"
+    _say(f"  race ({len(entries)} contenders from scratch, {race['steps']} steps each): "
+         f"{won} won by {race['margin']:.4f} {metric}")
+    for i, e in enumerate(entries):
+        mark = "*" if i == race["winner"] else " "
+        _say(f"   {mark} {e['arch_str']}: {metric} {e[metric]:.4f}")
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -413,6 +438,49 @@ def cmd_train(argv: Sequence[str]) -> int:
     return 0
 
 
+def build_pareto_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} pareto",
+        description="The cost / quality front of a finished run's supernet: for each budget "
+        "the most probable architecture that fits it, scored with the inherited weights "
+        "(pareto.json, pareto.png in the run folder).",
+    )
+    p.add_argument("out", help="the run folder (arch.json, checkpoint.pt)")
+    p.add_argument("--kind", choices=("params", "macs"), default="params")
+    p.add_argument("--budgets", type=float, nargs="+", default=None, metavar="N",
+                   help="the budgets (default: the space's 10/25/50/75/90th percentile costs "
+                   "and no limit)")
+    p.add_argument("--extract", type=int, nargs="+", default=[], metavar="I",
+                   help="write point I's plain model (pareto-I.pt) and arch file (pareto-I.json)")
+    p.add_argument("--data", default=None, help="the run's data (default: as recorded)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def _say_front(rec: dict, out: str) -> None:
+    kind = rec["kind"]
+    _say(f"front ({kind} against supernet {rec['metric']}, inherited weights):")
+    for i, p in enumerate(rec["points"]):
+        lim = ", ".join("no limit" if b is None else f"{b:,.0f}" for b in p["budgets"])
+        _say(f"  {i}{'*' if p['front'] else ' '} {p['arch_str']}: {kind} {p[kind]:,}, "
+             f"{rec['metric']} {p['loss']:.4f} (budgets {lim})")
+    _say(f"  * on the front; saved in {out}/: pareto.json"
+         f"{', ' + rec['plot'] if rec.get('plot') else ''}")
+
+
+def cmd_pareto(argv: Sequence[str]) -> int:
+    args = build_pareto_parser().parse_args(argv)
+    from .pareto import LoadedRun, extract_point, write_front
+
+    run = LoadedRun(args.out, device=device_arg(args.device), data=args.data)
+    rec = write_front(run, args.out, args.kind, args.budgets)
+    _say_front(rec, args.out)
+    for i in args.extract:
+        pt, js = extract_point(run, rec, i, args.out)
+        _say(f"  point {i}: {pt}, {js}")
+    return 0
+
+
 def cmd_spaces(argv: Sequence[str]) -> int:
     from ..spaces import SPACES, space_status
 
@@ -427,8 +495,9 @@ def cmd_spaces(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd, rest = cmd_search, argv
-    if argv and argv[0] in ("search", "train", "spaces"):
-        cmd = {"search": cmd_search, "train": cmd_train, "spaces": cmd_spaces}[argv[0]]
+    if argv and argv[0] in ("search", "train", "spaces", "pareto"):
+        cmd = {"search": cmd_search, "train": cmd_train, "spaces": cmd_spaces,
+               "pareto": cmd_pareto}[argv[0]]
         rest = argv[1:]
     from ..data import DataError
     from ..spaces.base import SpaceError

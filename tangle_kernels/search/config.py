@@ -27,6 +27,7 @@ __all__ = ["SearchConfig", "SearchError", "PRECISIONS", "build_config", "parse_c
            "parse_assignments"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+SELECTS = ("argmax", "race")
 
 
 class SearchError(ValueError):
@@ -69,6 +70,14 @@ class _Core:
     max_macs: float | None = None
     #: dual-ascent rate of the budget's Lagrange multipliers
     budget_rate: float = 1.0
+    #: final selection (``race.py``): ``argmax`` of the final distribution, or ``race``:
+    #: the most probable architecture and ``race_archs - 1`` more drawn from the
+    #: distribution (tempered by ``race_temperature``), each trained from scratch for
+    #: ``race_steps`` (0: ``retrain_steps``), the best on the validation batches kept
+    select: str = "argmax"
+    race_archs: int = 4
+    race_temperature: float = 1.0
+    race_steps: int = 0
 
     @property
     def optimizer(self) -> str:
@@ -141,6 +150,21 @@ class _Core:
             v = getattr(self, n)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise SearchError(f"--{n.replace('_', '-')} {v}: must be positive and finite")
+        if self.select not in SELECTS:
+            raise SearchError(f"select={self.select!r}: choose one of {', '.join(SELECTS)}")
+        if self.race_archs < 1 or self.race_steps < 0:
+            raise SearchError(f"race_archs={self.race_archs}, race_steps={self.race_steps}: "
+                              "need race_archs >= 1 and race_steps >= 0")
+        if not (self.race_temperature > 0 and math.isfinite(self.race_temperature)):
+            raise SearchError(f"race_temperature={self.race_temperature}: must be > 0 and finite")
+        if self.select == "race":
+            if not SAMPLERS[self.sampler].trains_arch:
+                raise SearchError(f"select=race draws its contenders from trained architecture "
+                                  f"parameters; --sampler {self.sampler} has none (it selects "
+                                  "with its own stage): use select=argmax")
+            if self.race_steps == 0 and self.retrain_steps == 0:
+                raise SearchError("select=race trains its contenders from scratch: set "
+                                  "race_steps=N or --retrain-steps N")
         if not (self.budget_rate > 0 and math.isfinite(self.budget_rate)):
             raise SearchError(f"budget_rate={self.budget_rate}: must be > 0 and finite")
         if self.lr_min < 0 or self.lr_min > self.lr:
@@ -202,6 +226,10 @@ _RESUME_FREE = (
     "eval_batch_size",
     "epochs",
     "precision",
+    "select",
+    "race_archs",
+    "race_temperature",
+    "race_steps",
 )
 
 

@@ -106,6 +106,12 @@ def finish(search) -> dict:
     except BudgetError as e:
         raise SearchError(f"budget: {e}") from None
     selection = space.check_selection(selection)
+    race_rec = None
+    if cfg.select == "race":
+        from .race import race
+
+        selection, race_rec = race(search, selection)
+        selection = space.check_selection(selection)
     budget = getattr(search, "budget", None)
     if budget and not search.fits(selection):  # never report an architecture over budget
         raise SearchError(f"budget: the selected architecture {selection} does not fit "
@@ -157,7 +163,12 @@ def finish(search) -> dict:
     if history is not None:
         result["spos_history"] = history
     result["decided"] = sampler.decision(history, cfg)
-    if cfg.retrain_steps > 0 and search.dist.is_main:
+    if race_rec is not None:
+        result["race"] = {k: v for k, v in race_rec.items() if k != "scratch"}
+    if race_rec is not None and cfg.retrain_steps in (0, race_rec["steps"]):
+        if cfg.retrain_steps:  # the winner was trained with the retraining's budget
+            result["scratch"] = race_rec["scratch"]
+    elif cfg.retrain_steps > 0 and search.dist.is_main:
         search.log(f"training the derived architecture from scratch ({cfg.retrain_steps} steps)")
         result["scratch"] = train_from_scratch(
             space,

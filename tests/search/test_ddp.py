@@ -126,3 +126,41 @@ engine.Search._batch, engine.Search.setup = batch, setup
 sys.argv = ["tangle_kernels.search", *sys.argv[1:]]
 runpy.run_module("tangle_kernels.search", run_name="__main__", alter_sys=True)
 """
+
+
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+def test_two_rank_search_under_a_budget_with_a_race_agrees(tmp_path):
+    """Issue 26/28 under DDP: the budget's Lagrange term and the race run on every rank
+    (same noise, same seeds); the ranks derive one architecture within the budget."""
+    from tangle_kernels.nn.cost import CostModel
+    from tangle_kernels.spaces import make_space
+
+    sp = make_space("nanogpt", preset="tiny", hparams={"block_size": 16})
+    data = sp.make_data("synthetic")
+    model = sp.build_supernet(data)
+    x, _ = data.batch("val", 2)
+    lo, hi = CostModel(model, sp.choices, example=x).bounds("params")
+    limit = int(lo + 0.4 * (hi - lo))
+    out = tmp_path / "ddp-budget"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tangle_kernels.search", "--preset", "tiny", "--hp", "block_size=16",
+           "--data", "synthetic", "--batch-size", "4", "--steps", "5", "--sampler", "drnas",
+           "--max-params", str(limit), "--set", "eval_batches=2", "--set", "select=race",
+           "--set", "race_archs=3", "--set", "race_steps=2", "--out", str(out),
+           "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    arch = json.loads((out / "arch.json").read_text())
+    d = arch["distributed"]
+    assert d["rank_archs"][0] == d["rank_archs"][1] == arch["arch"]
+    assert d["ranks_agree"] is True
+    assert arch["costs"]["params"] <= limit and arch["budget_margin"]["params"] >= 0
+    assert "budget_multipliers" in arch
+    race = arch["race"]
+    assert race["contenders"][race["winner"]]["arch"] == arch["arch"]
+    assert all(e["params"] <= limit for e in race["contenders"])

@@ -1,0 +1,251 @@
+"""The held-out protocol's report: every corpus of ``corpora.py``, every method and
+search setting recorded on it, the tuning and held-out means, and how far the decision
+report's verdicts can be trusted.
+
+Reads what ``search_quality.py --corpus NAME`` recorded (``reference.jsonl`` and
+``runs.jsonl`` of ``benchmarks/results/search_quality/NAME-*``); trains nothing::
+
+    python -m benchmarks.quality.heldout            # report, docs section
+    python -m benchmarks.quality.heldout --no-docs
+
+Per corpus and (method, setting): the seeds' percentiles (share of the space's
+architectures trained from scratch that beat the derived one), how many seeds land in
+the top 25%, and the search's wall-clock. A setting is named by how it differs from the
+space's current search defaults ("default" when it does not). Random search is the
+reference's own trainings at the default DrNAS search's wall-clock of each seed.
+
+Calibration of the decision report: for every recorded run and choice, whether the
+chosen value is the best one from scratch with the run's other choices held fixed (its
+"conditional best"), grouped by the report's verdict (decided / leaning / coin toss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+from collections import defaultdict
+from collections.abc import Sequence
+
+from tangle_kernels.search.runlog import read_jsonl
+
+from .bench import ROOT, _key, percentile, random_search_from_reference
+from .corpora import CORPORA, DEFAULT
+
+SECTION = "search-quality-heldout"
+
+
+def _work_dirs(name: str) -> list[str]:
+    base = os.path.join(ROOT, "benchmarks", "results", "search_quality")
+    if not os.path.isdir(base):
+        return []
+    return sorted(os.path.join(base, d) for d in os.listdir(base)
+                  if d.rsplit("-", 1)[0] == name and os.path.exists(
+                      os.path.join(base, d, "reference.jsonl")))
+
+
+def _defaults() -> dict:
+    from tangle_kernels.search import SearchConfig, build_config
+    from tangle_kernels.spaces import make_space
+
+    d = build_config(make_space("nanogpt"), {}, []).to_dict()
+    dflt = SearchConfig().to_dict()
+    return {k: v for k, v in d.items() if k not in dflt or dflt[k] != v}, dflt
+
+
+def setting_label(cfg: dict, base: dict, dflt: dict) -> str:
+    """How a run's config (its difference from SearchConfig's defaults) differs from
+    the space's current defaults ``base``."""
+    keys = sorted(set(cfg) | set(base))
+    diff = []
+    for k in keys:
+        got = cfg.get(k, dflt.get(k))
+        want = base.get(k, dflt.get(k))
+        if got != want and k not in ("steps_note",):
+            diff.append(f"{k}={got}")
+    return " ".join(diff) or "default"
+
+
+def load(names: Sequence[str]) -> dict:
+    """corpus -> {"ref": key -> record, "rows": [run records with the setting label]}."""
+    base, dflt = _defaults()
+    out = {}
+    for name in names:
+        ref, last = {}, {}
+        for w in _work_dirs(name):  # folders of the same protocol (older cache keys) merge
+            ident = json.load(open(os.path.join(w, "ident.json"), encoding="utf-8"))
+            if ident.get("space", {}).get("name") != "nanogpt" or ident.get("retrain_steps") != 400:
+                continue
+            ref.update({r["key"]: r for r in read_jsonl(os.path.join(w, "reference.jsonl"))})
+            for r in read_jsonl(os.path.join(w, "runs.jsonl")):
+                if "config" not in r:
+                    continue  # recorded before runs kept their settings
+                r["setting"] = setting_label(r["config"], base, dflt)
+                last[(r["method"], r["setting"], r["seed"])] = r
+        rows = list(last.values())
+        losses = [r["val_loss"] for r in ref.values()]
+        for r in rows:
+            k = _key(r["arch"])
+            if k in ref:
+                r["scratch_val"] = ref[k]["val_loss"]
+                r["percentile"] = round(percentile(ref[k]["val_loss"], losses), 2)
+        for seed in (0, 1, 2):
+            b = [r for r in rows if r["method"] == "drnas" and r["setting"] == "default"
+                 and r["seed"] == seed]
+            if b and ref:
+                rs = random_search_from_reference(ref, b[0]["search_time_s"], seed)
+                rs["setting"] = "default"
+                rows.append(rs)
+        out[name] = {"ref": ref, "rows": rows, "n_ref": len(ref)}
+    return out
+
+
+def conditional_agreement(row: dict, ref: dict) -> dict[str, bool]:
+    """Per choice of ``row``'s decision: is the chosen value the best from scratch with
+    the other choices held at the derived architecture's?"""
+    dec = (row.get("decision") or {}).get("choices") or {}
+    arch = row["arch"]
+    out = {}
+    for n, d in dec.items():
+        cands = []
+        for r in ref.values():
+            if all(r["arch"][m] == arch[m] for m in arch if m != n):
+                cands.append(r)
+        if len(cands) < 2:
+            continue
+        best = min(cands, key=lambda r: r["val_loss"])["arch"][n]
+        out[n] = (d.get("chosen") == best, d.get("verdict"))
+    return out
+
+
+def summarize(data: dict) -> dict:
+    table = defaultdict(dict)  # (method, setting) -> corpus -> row summary
+    calib = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # split -> verdict -> [agree, n]
+    for name, d in data.items():
+        split = CORPORA[name].split
+        groups = defaultdict(list)
+        for r in d["rows"]:
+            if r.get("percentile") is None:
+                continue
+            groups[(r["method"], r["setting"])].append(r)
+            for ok, verdict in conditional_agreement(r, d["ref"]).values():
+                c = calib[split][verdict]
+                c[0] += int(ok)
+                c[1] += 1
+        for key, rs in groups.items():
+            rs.sort(key=lambda r: r["seed"])
+            ps = [r["percentile"] for r in rs]
+            table[key][name] = {
+                "seeds": [r["seed"] for r in rs],
+                "percentiles": ps,
+                "mean": statistics.fmean(ps),
+                "top25": sum(1 for p in ps if p < 25),
+                "time_s": statistics.fmean(r["search_time_s"] for r in rs),
+                "archs": [r["arch_str"] for r in rs],
+                "race_won_by_argmax": [((r.get("race") or {}).get("argmax_won")) for r in rs],
+            }
+    means = {}
+    for key, per in table.items():
+        m = {}
+        for split in ("tuning", "held-out"):
+            vals = [v["mean"] for n, v in per.items() if CORPORA[n].split == split]
+            m[split] = (statistics.fmean(vals), len(vals)) if vals else None
+        means[key] = m
+    return {"table": table, "means": means,
+            "calibration": {s: {v: {"agree": a, "n": n} for v, (a, n) in c.items()}
+                            for s, c in calib.items()}}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def render(data: dict, s: dict, names: Sequence[str]) -> str:
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    lines = [
+        f"Generated by `python -m benchmarks.quality.heldout` on {date} (commit {_commit()}, "
+        "this CPU machine, 2 cores, one thread per run). Percentile: the share of the "
+        "space's 54 architectures (trained from scratch, 400 steps, seed 0) that beat the "
+        "derived one; top 25% = below 25. Corpora (`benchmarks/quality/corpora.py`): "
+        + ", ".join(f"{n} ({CORPORA[n].split}, {data[n]['n_ref']} reference archs)"
+                    for n in names) + ".",
+        "",
+        "| method | setting | " + " | ".join(names) + " | tuning mean | held-out mean |",
+        "|---|---|" + "---|" * len(names) + "---|---|",
+    ]
+
+    def order(key):
+        m = s["means"][key]
+        return (m["held-out"] is None, m["tuning"][0] if m["tuning"] else 1e9)
+
+    for key in sorted(s["table"], key=order):
+        per = s["table"][key]
+        cells = []
+        for n in names:
+            v = per.get(n)
+            cells.append("" if v is None else
+                         f"{'/'.join(f'{p:.0f}' for p in v['percentiles'])} ({v['top25']}/"
+                         f"{len(v['percentiles'])})")
+        m = s["means"][key]
+        fm = lambda x: "" if x is None else f"{x[0]:.1f}% ({x[1]})"  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) +
+                     f" | {fm(m['tuning'])} | {fm(m['held-out'])} |")
+    lines += [
+        "",
+        "Cells: the percentile of each seed (0/1/2) and, in brackets, how many are in the "
+        "top 25%. Means: over the corpora of the split that have the row (their count in "
+        "brackets).",
+        "",
+        "Calibration of the decision report (per run and choice: is the chosen value the "
+        "best from scratch with the run's other choices fixed?):",
+        "",
+        "| corpora | verdict | agrees | of | share |",
+        "|---|---|---|---|---|",
+    ]
+    for split, per in sorted(s["calibration"].items()):
+        for verdict, c in sorted(per.items()):
+            share = 100 * c["agree"] / c["n"] if c["n"] else float("nan")
+            lines.append(f"| {split} | {verdict} | {c['agree']} | {c['n']} | {share:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="heldout", description=__doc__.splitlines()[0])
+    p.add_argument("--corpora", nargs="+", default=list(DEFAULT))
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--docs", default=os.path.join(ROOT, "docs", "search-quality.md"))
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    data = load(args.corpora)
+    names = [n for n in args.corpora if data[n]["ref"]]
+    s = summarize({n: data[n] for n in names})
+    md = render(data, s, names)
+    print(md)
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"{date}-search-quality-heldout")
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write("# Search quality on the held-out protocol\n\n" + md + "\n")
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump({"commit": _commit(), "date": date,
+                   "table": {f"{k[0]} | {k[1]}": v for k, v in s["table"].items()},
+                   "calibration": s["calibration"]}, f, indent=1)
+    if not args.no_docs:
+        import sys
+
+        sys.path.insert(0, ROOT)
+        from benchmarks.sections import write_section
+
+        write_section(args.docs, SECTION, md, heading="Held-out corpora (generated)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Final selection by a race: the architectures the search leaves in contention, each
+trained from scratch, the best on the validation batches kept (``select=race``).
+
+Why: a weight-sharing supernet ranks its candidates by their shared weights, and on a
+small corpus those weights are biased (the narrow prefixes are trained by every
+candidate, the wide remainder overfits the train split within the budget), so the
+argmax of the final distribution can be confidently wrong (docs/search-quality.md,
+issue 28). A candidate trained alone for the retrain budget is what the user will get;
+a few of them cost a few retrainings.
+
+The contenders: the selection of the sampler (the argmax, or under a budget the most
+probable architecture that fits) first, then ``race_archs - 1`` distinct architectures
+drawn from the final per-choice probabilities raised to ``1 / race_temperature`` and
+renormalised (1: the distribution as trained; larger: closer to uniform, more
+exploration), each within the budget when there is one. Each contender is trained with
+:func:`~.report.train_from_scratch` for ``race_steps`` steps (0: ``retrain_steps``)
+from a seed of its own (``derive_seed(seed, i, "race")``: never the retraining's), and
+scored on the run's fixed validation batches; ties keep the earlier contender. Every
+rank runs the same race (same seeds, same batches), so DDP ranks agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .common import derive_seed, generator
+
+__all__ = ["contenders", "race"]
+
+
+def _tempered(probs: Mapping[str, Any], temperature: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in probs.items():
+        p = torch.as_tensor(p, dtype=torch.float64).clamp_min(0)
+        if not torch.isfinite(p).all() or float(p.sum()) <= 0:
+            p = torch.ones_like(p)
+        logp = torch.log(p.clamp_min(1e-300)) / temperature
+        out[n] = torch.softmax(logp, 0)
+    return out
+
+
+def contenders(first: Mapping[str, Any], choices: Mapping[str, list], probs: Mapping[str, Any],
+               n: int, *, temperature: float = 1.0, seed: int = 0, fits=None,
+               max_draws: int = 10_000) -> list[dict]:
+    """``first`` and up to ``n - 1`` distinct other selections drawn from the tempered
+    ``probs`` (see the module docstring); fewer when the space (or the budget) holds
+    fewer, or ``max_draws`` draws found no new one."""
+    out = [dict(first)]
+    seen = {tuple(sorted(first.items()))}
+    total = math.prod(len(v) for v in choices.values())
+    p = _tempered(probs, temperature)
+    g = generator(derive_seed(seed, 0, "race-draw"))
+    draws = 0
+    while len(out) < min(n, total) and draws < max_draws:
+        draws += 1
+        sel = {c: choices[c][int(torch.multinomial(p[c], 1, generator=g))] for c in choices}
+        key = tuple(sorted(sel.items()))
+        if key in seen or (fits is not None and not fits(sel)):
+            continue
+        seen.add(key)
+        out.append(sel)
+    return out
+
+
+def race(search, first: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Run the race of ``search`` (a :class:`~.loop.Search` at its end); returns the
+    winner and the record that goes into arch.json (``race``), whose ``scratch`` is the
+    winner's from-scratch result (the retraining when its budget is the same)."""
+    from .report import train_from_scratch
+
+    cfg, space = search.cfg, search.space
+    steps = cfg.race_steps or cfg.retrain_steps
+    probs = {k: v.tolist() for k, v in search.sampler.probs().items()}
+    fits = search.fits if getattr(search, "budget", None) else None
+    cands = contenders(first, space.choices, probs, cfg.race_archs,
+                       temperature=cfg.race_temperature, seed=cfg.seed, fits=fits)
+    metric, minimize = space.metric, space.minimize
+    search.log(f"race: {len(cands)} contenders, {steps} steps each from scratch")
+    entries, best = [], None
+    for i, sel in enumerate(cands):
+        res = train_from_scratch(space, search.data, sel, cfg, steps=steps,
+                                 device=search.device, eval_set=search.eval_set,
+                                 seed=derive_seed(cfg.seed, i, "race"),
+                                 compile=search.compiler)
+        v = float(res["val"][metric])
+        score = v if minimize else -v
+        if not math.isfinite(score):
+            score = math.inf  # a diverged contender never wins
+        entries.append({"arch": sel, "arch_str": space.describe(sel), metric: v,
+                        "params": res["params"], "time_s": res["time_s"]})
+        search.log(f"race [{i + 1}/{len(cands)}] {space.describe(sel)}: {metric} {v:.4f} "
+                   f"({res['time_s']:.0f} s)")
+        if best is None or score < best[0]:
+            best = (score, i, res)
+    if best is None or not math.isfinite(best[0]):
+        from .config import SearchError
+
+        raise SearchError("race: every contender diverged (non-finite validation metric)")
+    _, i, res = best
+    winner = dict(cands[i])
+    scores = sorted(e[metric] if minimize else -e[metric] for e in entries)
+    rec = {
+        "steps": steps,
+        "temperature": cfg.race_temperature,
+        "contenders": entries,
+        "winner": i,
+        "argmax_won": i == 0,
+        # the winner's lead over the runner-up, in the metric's units (0 with one contender)
+        "margin": (abs(scores[1] - scores[0]) if len(scores) > 1 else 0.0),
+        "scratch": res,
+    }
+    return winner, rec

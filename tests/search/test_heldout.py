@@ -1,0 +1,107 @@
+"""The held-out protocol of the search-quality benchmark: the corpora are cut from
+their source by offset and checked by hash (never copied into the repository), the
+split is fixed, and the report's pieces (setting labels, the decision report's
+calibration, the rank correlation of the diagnosis) compute what they say."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from benchmarks.quality import corpora  # noqa: E402
+from benchmarks.quality.diagnose import spearman  # noqa: E402
+from benchmarks.quality.heldout import conditional_agreement, setting_label  # noqa: E402
+
+
+def test_the_protocol_has_five_corpora_and_a_fixed_split():
+    names = corpora.DEFAULT
+    assert len(names) >= 5
+    tuning, held = corpora.by_split("tuning"), corpora.by_split("held-out")
+    assert set(tuning) | set(held) == set(names) and not set(tuning) & set(held)
+    assert len(tuning) >= 2 and len(held) >= 3
+    pieces = [corpora.CORPORA[n] for n in names if corpora.CORPORA[n].source != "embedded"]
+    spans = sorted((c.offset, c.offset + c.length) for c in pieces)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "pieces overlap"
+    for c in pieces:
+        assert 30_000 <= c.length <= 34_000 and len(c.sha256) == 64
+
+
+def test_materialize_cuts_checks_and_refuses_another_file(tmp_path, monkeypatch):
+    src = tmp_path / "shared"
+    src.mkdir()
+    text = "".join(f"LINE {i}: é\n" for i in range(500))
+    (src / "t.txt").write_text(text, encoding="utf-8")
+    piece = text[100:400]
+    c = corpora.Corpus("toy", "tuning", "t.txt", 100, 300,
+                       hashlib.sha256(piece.encode()).hexdigest())
+    monkeypatch.setenv("TANGLE_SHARED_DATA", str(src))
+    monkeypatch.setenv("TANGLE_CORPUS_CACHE", str(tmp_path / "cache"))
+    path = corpora.materialize(c)
+    assert open(path, encoding="utf-8").read() == piece
+    assert not str(path).startswith(ROOT)
+    assert corpora.materialize(c) == path  # cached
+    bad = corpora.Corpus("toy2", "tuning", "t.txt", 101, 300, c.sha256)
+    with pytest.raises(SystemExit, match="another version"):
+        corpora.materialize(bad)
+    with open(path, "a", encoding="utf-8") as f:  # a cached piece that changed
+        f.write("x")
+    with pytest.raises(SystemExit, match="delete it"):
+        corpora.materialize(c)
+    monkeypatch.setenv("TANGLE_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="is not there"):
+        corpora.materialize(corpora.Corpus("toy3", "tuning", "t.txt", 0, 5, "0" * 64))
+    with pytest.raises(SystemExit, match="one of"):
+        corpora.get("hamlet")
+
+
+def test_the_real_pieces_match_their_hashes_where_the_source_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANGLE_CORPUS_CACHE", str(tmp_path / "cache"))
+    src = os.path.join(corpora.shared_data_dir(), "tinyshakespeare.txt")
+    checked = 0
+    for c in corpora.CORPORA.values():
+        if c.source == "embedded":
+            assert corpora.materialize(c) is None
+        elif os.path.exists(src):
+            assert os.path.getsize(corpora.materialize(c)) >= c.length
+            checked += 1
+    assert checked in (0, len(corpora.CORPORA) - 1)
+
+
+def test_setting_label_names_what_differs_from_the_defaults():
+    dflt = {"steps": 200, "select": "argmax", "lr": 1e-3}
+    base = {"steps": 400}
+    assert setting_label({"steps": 400}, base, dflt) == "default"
+    assert setting_label({"steps": 250, "select": "race"}, base, dflt) == \
+        "select=race steps=250"
+    assert setting_label({}, base, dflt) == "steps=200"
+
+
+def test_conditional_agreement_holds_the_other_choices_fixed():
+    def rec(a, b, loss):
+        return {"arch": {"a": a, "b": b}, "val_loss": loss}
+
+    ref = {str(i): r for i, r in enumerate(
+        [rec(1, 1, 2.0), rec(2, 1, 1.0), rec(1, 2, 0.5), rec(2, 2, 3.0)])}
+    row = {"arch": {"a": 1, "b": 2}, "decision": {"choices": {
+        "a": {"chosen": 1, "verdict": "decided"}, "b": {"chosen": 2, "verdict": "leaning"}}}}
+    got = conditional_agreement(row, ref)
+    # with b=2 fixed, a=1 (0.5) beats a=2 (3.0); with a=1 fixed, b=2 (0.5) beats b=1 (2.0)
+    assert got == {"a": (True, "decided"), "b": (True, "leaning")}
+    row["arch"] = {"a": 2, "b": 2}
+    row["decision"]["choices"]["a"]["chosen"] = 2
+    got = conditional_agreement(row, ref)
+    # with b=2 fixed a=1 is better (0.5 < 3.0); with a=2 fixed b=1 is better (1.0 < 3.0)
+    assert got == {"a": (False, "decided"), "b": (False, "leaning")}
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 1, 1]) == 0.0
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)

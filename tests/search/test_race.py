@@ -1,0 +1,94 @@
+"""Final selection by a race (``select=race``): the contenders (the selection first,
+distinct, from the tempered distribution, within the budget), the winner is the best
+from-scratch contender, the retraining is the winner's, and bad settings are refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tangle_kernels.search import Search, SearchConfig, SearchError
+from tangle_kernels.search.race import contenders
+from tangle_kernels.search.report import train_from_scratch
+from tangle_kernels.search.common import derive_seed
+from tangle_kernels.spaces import make_space
+
+CHOICES = {"a": [1, 2, 3], "b": [10, 20]}
+
+
+def test_contenders_start_with_the_selection_and_are_distinct():
+    probs = {"a": [0.2, 0.5, 0.3], "b": [0.6, 0.4]}
+    first = {"a": 2, "b": 10}
+    got = contenders(first, CHOICES, probs, 4, seed=3)
+    assert got[0] == first and len(got) == 4
+    assert len({tuple(sorted(s.items())) for s in got}) == 4
+    # the space holds 6: asking for more gives all of them, once each
+    assert len(contenders(first, CHOICES, probs, 50)) == 6
+    # reproducible from the seed
+    assert got == contenders(first, CHOICES, probs, 4, seed=3)
+
+
+def test_contenders_follow_the_tempered_distribution():
+    probs = {"a": [0.98, 0.01, 0.01], "b": [0.5, 0.5]}
+    first = {"a": 1, "b": 10}
+    cold = contenders(first, CHOICES, probs, 2, temperature=1.0, seed=0)
+    assert cold[1] == {"a": 1, "b": 20}  # the only likely other one
+    # a high temperature reaches the unlikely values
+    hot = [s["a"] for seed in range(20)
+           for s in contenders(first, CHOICES, probs, 3, temperature=50.0, seed=seed)[1:]]
+    assert {2, 3} & set(hot)
+
+
+def test_contenders_respect_the_budget():
+    probs = {"a": [1 / 3] * 3, "b": [0.5, 0.5]}
+    fits = lambda s: s["a"] * s["b"] <= 40  # noqa: E731
+    got = contenders({"a": 1, "b": 10}, CHOICES, probs, 6, fits=fits, seed=1)
+    assert all(fits(s) for s in got)
+    assert len(got) == 5  # all but (3, 20) fit: asking for 6 gives the 5 there are
+    assert len(contenders({"a": 1, "b": 10}, CHOICES, probs, 3, fits=fits)) == 3
+
+
+def _space():
+    return make_space("nanogpt", preset="tiny", hparams={"block_size": 16})
+
+
+def test_race_selects_the_best_contender_and_reuses_its_training(tmp_path):
+    sp = _space()
+    data = sp.make_data("synthetic")
+    cfg = SearchConfig(steps=4, batch_size=4, eval_batches=2, select="race", race_archs=3,
+                       retrain_steps=3, checkpoint_every=0)
+    s = Search(sp, data, cfg, out=str(tmp_path / "r"), progress=False, log=lambda m: None)
+    res = s.run()
+    race = res["race"]
+    assert len(race["contenders"]) == 3
+    losses = [e["loss"] for e in race["contenders"]]
+    assert race["winner"] == min(range(3), key=losses.__getitem__)
+    assert res["arch"] == race["contenders"][race["winner"]]["arch"]
+    assert race["argmax_won"] == (race["winner"] == 0)
+    srt = sorted(losses)
+    assert math.isclose(race["margin"], srt[1] - srt[0], rel_tol=1e-9)
+    # the retraining is the winner's race training (same budget): reproduce it
+    again = train_from_scratch(sp, data, res["arch"], cfg, steps=3, eval_set=s.eval_set,
+                               seed=derive_seed(cfg.seed, race["winner"], "race"))
+    assert res["scratch"]["val"]["loss"] == pytest.approx(again["val"]["loss"], abs=1e-6)
+    assert res["scratch"]["val"]["loss"] == pytest.approx(losses[race["winner"]], abs=1e-6)
+    with open(tmp_path / "r" / "arch.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["race"]["winner"] == race["winner"]
+    assert saved["arch"] == res["arch"]
+
+
+def test_race_settings_are_checked():
+    with pytest.raises(SearchError, match="select="):
+        SearchConfig(select="best").check()
+    with pytest.raises(SearchError, match="race_steps=N or --retrain-steps"):
+        SearchConfig(select="race").check()
+    with pytest.raises(SearchError, match="has none"):
+        SearchConfig(select="race", sampler="spos", retrain_steps=2).check()
+    with pytest.raises(SearchError, match="race_temperature"):
+        SearchConfig(select="race", race_temperature=0.0, retrain_steps=2).check()
+    with pytest.raises(SearchError, match="race_archs"):
+        SearchConfig(select="race", race_archs=0, retrain_steps=2).check()
+    SearchConfig(select="race", race_steps=5).check()
