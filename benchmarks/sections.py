@@ -6,12 +6,14 @@ in a Markdown file. :func:`write_section` replaces what is between the markers a
 keeps everything else; a file without the markers gets them appended under
 ``heading`` (a file that does not exist is created). The write goes through a temp
 file unique to this process, then ``os.replace``, so an interrupted or concurrent
-writer never leaves a half-written file.
+writer never leaves a half-written file. :func:`git_commit` names the commit a record
+was made on.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -50,3 +52,14 @@ def write_section(path: str | os.PathLike, name: str, body: str, *,
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     write_text_atomic(path, replace_section(text, name, body, heading=heading))
+
+
+def git_commit(root: str | os.PathLike | None = None) -> str:
+    """The short hash of HEAD of the repository at ``root`` (this one by default), or
+    ``unknown`` outside a git checkout."""
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"

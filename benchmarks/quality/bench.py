@@ -86,13 +86,16 @@ class Bench:
         # defaults <- the space's search defaults <- --steps <- --set (the CLI's layering)
         d = build_config(self.space, {"steps": args.steps},
                          parse_assignments(args.set, what="--set")).to_dict()
+        if d.get("select") == "race" and not d.get("race_steps"):
+            d["race_steps"] = args.retrain_steps  # the race at the retraining's budget
         self.base_cfg = d
-        self.config_hash = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()
+        hd = search_settings(d)
+        self.config_hash = hashlib.sha1(json.dumps(hd, sort_keys=True, default=str).encode()
                                         ).hexdigest()[:10]
         # the settings that differ from SearchConfig's defaults: a new setting whose default
         # keeps the old behaviour does not invalidate recorded runs
         dflt = SearchConfig().to_dict()
-        self.config_diff = {k: v for k, v in d.items() if k not in dflt or dflt[k] != v}
+        self.config_diff = {k: v for k, v in hd.items() if k not in dflt or dflt[k] != v}
         self.config_hashes = {
             self.config_hash,
             hashlib.sha1(json.dumps(self.config_diff, sort_keys=True, default=str).encode()
@@ -147,8 +150,12 @@ class Bench:
     def cfg(self, **kw):
         from tangle_kernels.search import SearchConfig
 
+        from tangle_kernels.search.samplers import SAMPLERS
+
         d = dict(self.base_cfg)
         d.update(kw)
+        if d.get("select") == "race" and not SAMPLERS[d["sampler"]].trains_arch:
+            d["select"] = "argmax"  # as build_config does for a space's default (SPOS)
         return SearchConfig.from_dict(d)
 
     # ------------------------------------------------------------------ reference
@@ -263,7 +270,8 @@ class Bench:
         repair_jsonl(self.runs_path)
         # runs of other search settings (older defaults) are not reused
         done = {(r["method"], r["seed"]): r for r in read_jsonl(self.runs_path)
-                if r.get("config_hash") in self.config_hashes}
+                if r.get("config_hash") in self.config_hashes
+                or ("config" in r and search_settings(r["config"]) == self.config_diff)}
         base_steps = int(self.base_cfg["steps"])
         probe_path = os.path.join(self.work, "probes.json")
         probes: dict[str, float] = {}
@@ -272,8 +280,10 @@ class Bench:
                 probes = json.load(f)
         for seed in self.args.seeds:
             budget = None
+            race_s = 0.0  # the drnas run's race (from-scratch trainings), not its steps
             if ("drnas", seed) in done:
                 budget = done[("drnas", seed)]["search_time_s"]
+                race_s = _race_time(done[("drnas", seed)])
             for m in (["drnas"] if "drnas" not in methods else []) + methods:
                 if (m, seed) in done:
                     continue
@@ -294,7 +304,8 @@ class Bench:
                     ratio = probes[pk]["ratio"]
                     steps = max(1, int(round(base_steps * ratio)))
                     if m.startswith("spos"):
-                        t_step = budget / base_steps / ratio  # this sampler's s/step now
+                        # this sampler's s/step now
+                        t_step = max(budget - race_s, 1e-9) / base_steps / ratio
                         steps = self._spos_steps(m, seed, budget, t_step, steps)
                 _log(f"search {m} seed {seed}: {steps} steps")
                 res = self._search(m, seed, steps)
@@ -303,6 +314,7 @@ class Bench:
                 done[(m, seed)] = rec
                 if m == "drnas":
                     budget = rec["search_time_s"]
+                    race_s = _race_time(rec)
                 _log(f"  -> {rec['arch_str']}  val(scratch) {rec['scratch_val']}  "
                      f"percentile {rec['percentile']}  {rec['search_time_s']:.0f} s")
         return [done[(m, s)] for s in self.args.seeds for m in methods if (m, s) in done]
@@ -340,6 +352,23 @@ class Bench:
             "metrics": os.path.relpath(os.path.join(res["_out"], "metrics.jsonl"), ROOT),
         }
         return rec
+
+
+#: search settings that only change the report (the race's coin-toss threshold)
+REPORT_ONLY = ("race_noise",)
+
+
+def search_settings(cfg: dict) -> dict:
+    """The settings that make a benchmark search what it is: without the report-only
+    ones and ``retrain_steps`` (the benchmark retrains nothing in a search: its own
+    budget is in the cache key), the race's steps explicit."""
+    return {k: v for k, v in cfg.items() if k not in REPORT_ONLY and k != "retrain_steps"}
+
+
+def _race_time(rec: dict) -> float:
+    """Seconds a run record's race spent training its contenders from scratch."""
+    race = rec.get("race") or {}
+    return float(sum(c.get("time_s", 0.0) for c in race.get("contenders", [])))
 
 
 def _step_times(metrics_path: str) -> list[float]:

@@ -16,7 +16,10 @@ reference's own trainings at the default DrNAS search's wall-clock of each seed.
 
 Calibration of the decision report: for every recorded run and choice, whether the
 chosen value is the best one from scratch with the run's other choices held fixed (its
-"conditional best"), grouped by the report's verdict (decided / leaning / coin toss).
+"conditional best"), grouped by the report's verdict (confident / leaning / coin toss;
+older records' ``decided`` is ``confident``). Calibration of the race: for every pair of
+a race's winner and another contender, whether the seed-0 reference orders them the same
+way, grouped by whether the race's gap was within its noise (``race_noise``) or beyond.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ import datetime as _dt
 import json
 import os
 import statistics
-import subprocess
 from collections import defaultdict
 from collections.abc import Sequence
 
 from tangle_kernels.search.runlog import read_jsonl
 
-from .bench import ROOT, _key, percentile, random_search_from_reference
+from .bench import REPORT_ONLY, ROOT, _key, percentile, random_search_from_reference
 from .corpora import CORPORA, DEFAULT
+from ..sections import git_commit as _commit
 
 SECTION = "search-quality-heldout"
 
@@ -52,8 +55,17 @@ def _defaults() -> dict:
     from tangle_kernels.spaces import make_space
 
     d = build_config(make_space("nanogpt"), {}, []).to_dict()
+    if d.get("select") == "race" and not d.get("race_steps"):
+        d["race_steps"] = d["retrain_steps"]  # as the benchmark runs it (bench.py)
     dflt = SearchConfig().to_dict()
     return {k: v for k, v in d.items() if k not in dflt or dflt[k] != v}, dflt
+
+
+def _full_defaults() -> dict:
+    from tangle_kernels.search import build_config
+    from tangle_kernels.spaces import make_space
+
+    return build_config(make_space("nanogpt"), {}, []).to_dict()
 
 
 def setting_label(cfg: dict, base: dict, dflt: dict) -> str:
@@ -64,7 +76,7 @@ def setting_label(cfg: dict, base: dict, dflt: dict) -> str:
     for k in keys:
         got = cfg.get(k, dflt.get(k))
         want = base.get(k, dflt.get(k))
-        if got != want and k not in ("steps_note",):
+        if got != want and k not in ("steps_note", "retrain_steps") + REPORT_ONLY:
             diff.append(f"{k}={got}")
     return " ".join(diff) or "default"
 
@@ -117,13 +129,36 @@ def conditional_agreement(row: dict, ref: dict) -> dict[str, bool]:
         if len(cands) < 2:
             continue
         best = min(cands, key=lambda r: r["val_loss"])["arch"][n]
-        out[n] = (d.get("chosen") == best, d.get("verdict"))
+        verdict = d.get("verdict")
+        out[n] = (d.get("chosen") == best, "confident" if verdict == "decided" else verdict)
     return out
 
 
-def summarize(data: dict) -> dict:
+def race_agreement(row: dict, ref: dict, noise: float) -> list[tuple[bool, str]]:
+    """Per (winner, other contender) pair of ``row``'s race: does the reference order
+    them as the race did, and was the race's gap ``within noise`` or ``beyond noise``?"""
+    race = row.get("race") or {}
+    cs = race.get("contenders") or []
+    if len(cs) < 2:
+        return []
+    noise = race.get("noise") or noise
+    metric = next(k for k in cs[0] if k not in ("arch", "arch_str", "params", "time_s"))
+    w = cs[race["winner"]]
+    out = []
+    for j, c in enumerate(cs):
+        kw, kc = _key(w["arch"]), _key(c["arch"])
+        if j == race["winner"] or kw not in ref or kc not in ref:
+            continue
+        same = ref[kw]["val_loss"] <= ref[kc]["val_loss"]
+        gap = abs(c[metric] - w[metric])
+        out.append((same, "within noise" if gap < noise else "beyond noise"))
+    return out
+
+
+def summarize(data: dict, noise: float = 0.0) -> dict:
     table = defaultdict(dict)  # (method, setting) -> corpus -> row summary
     calib = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # split -> verdict -> [agree, n]
+    rcal = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # split -> gap -> [agree, n]
     for name, d in data.items():
         split = CORPORA[name].split
         groups = defaultdict(list)
@@ -133,6 +168,10 @@ def summarize(data: dict) -> dict:
             groups[(r["method"], r["setting"])].append(r)
             for ok, verdict in conditional_agreement(r, d["ref"]).values():
                 c = calib[split][verdict]
+                c[0] += int(ok)
+                c[1] += 1
+            for ok, gap in race_agreement(r, d["ref"], noise):
+                c = rcal[split][gap]
                 c[0] += int(ok)
                 c[1] += 1
         for key, rs in groups.items():
@@ -156,15 +195,18 @@ def summarize(data: dict) -> dict:
         means[key] = m
     return {"table": table, "means": means,
             "calibration": {s: {v: {"agree": a, "n": n} for v, (a, n) in c.items()}
-                            for s, c in calib.items()}}
+                            for s, c in calib.items()},
+            "race_calibration": {s: {v: {"agree": a, "n": n} for v, (a, n) in c.items()}
+                                 for s, c in rcal.items()}}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
+def _calibration_table(cal: dict, what: str) -> list[str]:
+    lines = [f"| corpora | {what} | agrees | of | share |", "|---|---|---|---|---|"]
+    for split, per in sorted(cal.items()):
+        for key, c in sorted(per.items()):
+            share = 100 * c["agree"] / c["n"] if c["n"] else float("nan")
+            lines.append(f"| {split} | {key} | {c['agree']} | {c['n']} | {share:.0f}% |")
+    return lines
 
 
 def render(data: dict, s: dict, names: Sequence[str]) -> str:
@@ -206,13 +248,17 @@ def render(data: dict, s: dict, names: Sequence[str]) -> str:
         "Calibration of the decision report (per run and choice: is the chosen value the "
         "best from scratch with the run's other choices fixed?):",
         "",
-        "| corpora | verdict | agrees | of | share |",
-        "|---|---|---|---|---|",
     ]
-    for split, per in sorted(s["calibration"].items()):
-        for verdict, c in sorted(per.items()):
-            share = 100 * c["agree"] / c["n"] if c["n"] else float("nan")
-            lines.append(f"| {split} | {verdict} | {c['agree']} | {c['n']} | {share:.0f}% |")
+    lines += _calibration_table(s["calibration"], "verdict")
+    if s.get("race_calibration"):
+        lines += [
+            "",
+            "Calibration of the race (per pair of a race's winner and another contender: "
+            "does the seed-0 reference order them the same way? Grouped by the race's gap "
+            "against its noise):",
+            "",
+        ]
+        lines += _calibration_table(s["race_calibration"], "gap")
     return "\n".join(lines)
 
 
@@ -225,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = load(args.corpora)
     names = [n for n in args.corpora if data[n]["ref"]]
-    s = summarize({n: data[n] for n in names})
+    noise = float(_full_defaults().get("race_noise", 0.0))
+    s = summarize({n: data[n] for n in names}, noise)
     md = render(data, s, names)
     print(md)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
@@ -236,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump({"commit": _commit(), "date": date,
                    "table": {f"{k[0]} | {k[1]}": v for k, v in s["table"].items()},
-                   "calibration": s["calibration"]}, f, indent=1)
+                   "calibration": s["calibration"],
+                   "race_calibration": s["race_calibration"]}, f, indent=1)
     if not args.no_docs:
         import sys
 

@@ -44,13 +44,15 @@ class CostError(ValueError):
 
 
 class _Unit:
-    __slots__ = ("path", "module", "names", "params", "macs", "_cond", "_numel", "owner")
+    __slots__ = ("path", "module", "names", "params", "macs", "latency", "_cond", "_numel",
+                 "owner")
 
     def __init__(self, path: str, module: nn.Module | None, names: tuple[str, ...]):
         self.path, self.module, self.names = path, module, names
         self.owner: nn.Module | None = None  # a plain unit: the module owning its parameters
         self.params: torch.Tensor | None = None  # [len(v) for v in names], cost x condition
         self.macs: torch.Tensor | None = None
+        self.latency: torch.Tensor | None = None  # ms (nn.latency.add_latency)
 
 
 def _plain_macs(m: nn.Module, tokens: int, spatial: int | None, recurse: bool = True) -> int:
@@ -91,6 +93,9 @@ class CostModel:
                  example: Any = None):
         self.choices = {n: tuple(v) for n, v in choices.items()}
         self._units: list[_Unit] = []
+        self._inputs: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.latency_info: dict | None = None  # set by nn.latency.add_latency
+        self._latency_units: list[_Unit] = []  # whole blocks timed (nn.latency)
         seen: set[int] = set()
         self._walk(supernet, "", {}, seen)
         for u in self._units:
@@ -176,9 +181,11 @@ class CostModel:
             t[idx] = cache[key]
         return t
 
-    def _record(self, supernet: nn.Module, example) -> dict[int, tuple[int, int | None]]:
+    def _record(self, supernet: nn.Module, example,
+                extra: set[int] = frozenset()) -> dict[int, tuple[int, int | None]]:
         """Per entangled unit: (tokens per sample, output H*W or None), checked equal at
-        the max and the min architecture."""
+        the max and the min architecture; the input at the max architecture of the
+        units and of the modules whose ids are in ``extra`` goes to ``self._inputs``."""
         from .arch import one_hot_arch
         from .base import get_arch, set_arch
 
@@ -193,10 +200,12 @@ class CostModel:
             rec: dict[int, tuple[int, int | None]] = {}
             hooks = []
 
-            def hook(m, inp, out, rec=rec):
+            def hook(m, inp, out, rec=rec, first=not runs):
                 x = inp[0] if isinstance(inp, tuple) and inp else inp
                 if not torch.is_tensor(x) or not torch.is_tensor(out):
                     return
+                if first:  # the input at the max architecture (for latency.py)
+                    self._inputs[id(m)] = (tuple(x.shape), x.dtype)
                 B = x.shape[0]
                 if x.dim() >= 3 and out.dim() == 4 and x.dim() == 4:  # NCHW conv-like
                     rec[id(m)] = (1, out.shape[2] * out.shape[3])
@@ -204,7 +213,7 @@ class CostModel:
                     rec[id(m)] = (int(x[..., 0].numel() // max(B, 1)) if x.dim() > 1 else 1, None)
 
             for m in supernet.modules():
-                if id(m) in mods:
+                if id(m) in mods or id(m) in extra:
                     hooks.append(m.register_forward_hook(hook))
             was = supernet.training
             supernet.eval()
@@ -219,7 +228,7 @@ class CostModel:
                     h.remove()
             runs.append(rec)
         for k, shape in runs[1].items():
-            if k in runs[0] and runs[0][k] != shape:
+            if k in mods and k in runs[0] and runs[0][k] != shape:
                 raise CostError(
                     f"{mods[k].path}: the tokens / output size it sees change with the "
                     f"architecture ({runs[0][k]} at the max, {shape} at the min): MACs "
@@ -237,17 +246,32 @@ class CostModel:
             idx[n] = vals.index(selection[n])
         return idx
 
+    @property
+    def has_latency(self) -> bool:
+        return self.latency_info is not None
+
     def _tables(self, kind: str) -> list[tuple[_Unit, torch.Tensor]]:
-        if kind not in ("params", "macs"):
-            raise CostError(f"cost {kind!r}: 'params' or 'macs'")
+        if kind not in ("params", "macs", "latency"):
+            raise CostError(f"cost {kind!r}: 'params', 'macs' or 'latency'")
         if kind == "macs" and not self.has_macs:
             raise CostError("MACs need an example input (CostModel(..., example=batch))")
+        if kind == "latency" and not self.has_latency:
+            raise CostError("latency needs a measured table (tangle_kernels.nn.latency.add_latency)")
+        if kind == "latency":
+            return [(u, u.latency) for u in self._units + self._latency_units]
         return [(u, getattr(u, kind)) for u in self._units]
 
-    def cost(self, selection: Mapping[str, Any], kind: str = "params") -> int:
-        """The exact cost of one architecture (``selection``: name -> value)."""
+    def cost(self, selection: Mapping[str, Any], kind: str = "params") -> int | float:
+        """The exact cost of one architecture (``selection``: name -> value): an int for
+        parameters and MACs, milliseconds (float) for the latency table's sum."""
         idx = self._check(selection)
-        return int(round(sum(float(t[tuple(idx[n] for n in u.names)]) for u, t in self._tables(kind))))
+        total = sum(float(t[tuple(idx[n] for n in u.names)]) for u, t in self._tables(kind))
+        if kind == "latency":
+            return total + self.latency_info["rest_ms"]
+        return int(round(total))
+
+    def latency(self, selection: Mapping[str, Any]) -> float:
+        return self.cost(selection, "latency")
 
     def params(self, selection: Mapping[str, Any]) -> int:
         return self.cost(selection, "params")
@@ -275,7 +299,9 @@ class CostModel:
                 e = e @ probs[n].to(dtype)
             total = e if total is None else total + e
         if total is None:
-            return torch.zeros((), dtype=dtype)
+            total = torch.zeros((), dtype=dtype)
+        if kind == "latency":
+            total = total + self.latency_info["rest_ms"]
         return total
 
     def bounds(self, kind: str = "params") -> tuple[int, int]:

@@ -1,9 +1,15 @@
-"""Search under a budget: limits on parameters and MACs, a differentiable constraint for
-the architecture step, and the best architecture of the final distribution that fits.
+"""Search under a budget: limits on parameters, MACs and measured latency, a
+differentiable constraint for the architecture step, and the best architecture of the
+final distribution that fits.
 
 **Costs.** :class:`~tangle_kernels.nn.cost.CostModel` counts every architecture's
 parameters and MACs from the extracted plain modules and gives their expectation under
-the per-choice probabilities as a polynomial in them (exact, differentiable).
+the per-choice probabilities as a polynomial in them (exact, differentiable). The
+latency (``--max-latency-ms``) is a table measured on the search's device
+(:mod:`tangle_kernels.nn.latency`: every entangled layer's plain module per assignment
+of its own choices, plus a measured constant for what lies between them; cached), at a
+batch of ``latency_batch`` validation samples, priced by the same polynomial. Under DDP
+rank 0 measures it and every rank uses rank 0's table.
 
 **The constraint: a Lagrange multiplier per limit, learned with the alphas.** The
 architecture objective becomes ``L_val + sum_k lambda_k (E[cost_k] / limit_k - 1)``;
@@ -36,7 +42,13 @@ from ..nn.cost import CostError, CostModel
 
 __all__ = ["Budget", "BudgetError", "Lagrangian", "constrained_argmax", "costs_of", "setup", "fits"]
 
-KINDS = ("params", "macs")
+KINDS = ("params", "macs", "latency")
+#: the config field (and flag, with dashes) of each kind's limit
+FIELDS = {"params": "max_params", "macs": "max_macs", "latency": "max_latency_ms"}
+
+
+def _flag(kind: str) -> str:
+    return "--" + FIELDS[kind].replace("_", "-")
 
 
 class BudgetError(ValueError):
@@ -54,11 +66,13 @@ class Budget:
             if k not in KINDS:
                 raise BudgetError(f"budget: unknown cost {k!r} (known: {', '.join(KINDS)})")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise BudgetError(f"budget: --max-{k} must be a positive finite number, got {v!r}")
+                raise BudgetError(f"budget: {_flag(k)} must be a positive finite number, got {v!r}")
 
     @classmethod
-    def of(cls, max_params: float | None = None, max_macs: float | None = None) -> Budget:
-        return cls({k: v for k, v in (("params", max_params), ("macs", max_macs)) if v is not None})
+    def of(cls, max_params: float | None = None, max_macs: float | None = None,
+           max_latency_ms: float | None = None) -> Budget:
+        return cls({k: v for k, v in (("params", max_params), ("macs", max_macs),
+                                      ("latency", max_latency_ms)) if v is not None})
 
     def __bool__(self) -> bool:
         return bool(self.limits)
@@ -71,11 +85,17 @@ class Budget:
         return {k: 1.0 - costs[k] / v for k, v in self.limits.items()}
 
     def to_dict(self) -> dict:
-        return {f"max_{k}": v for k, v in self.limits.items()}
+        return {FIELDS[k]: v for k, v in self.limits.items()}
+
+
+def _has(cm: CostModel, kind: str) -> bool:
+    return kind == "params" or (kind == "macs" and cm.has_macs) or (
+        kind == "latency" and cm.has_latency)
 
 
 def costs_of(cm: CostModel, selection: Mapping[str, Any], kinds: Sequence[str] = KINDS) -> dict:
-    return {k: cm.cost(selection, k) for k in kinds if k == "params" or cm.has_macs}
+    """``{kind: cost}`` of ``selection`` for the kinds ``cm`` can price."""
+    return {k: cm.cost(selection, k) for k in kinds if _has(cm, k)}
 
 
 class Lagrangian:
@@ -89,8 +109,7 @@ class Lagrangian:
     def __init__(self, cm: CostModel, budget: Budget, rate: float = 1.0):
         if not budget:
             raise BudgetError("Lagrangian: an empty budget")
-        if "macs" in budget.limits and not cm.has_macs:
-            raise BudgetError("budget on MACs: the cost model has no example input")
+        _check_kinds(cm, budget)
         if not (math.isfinite(rate) and rate > 0):
             raise BudgetError(f"budget multiplier rate {rate!r}: must be positive and finite")
         self.cm, self.budget, self.rate = cm, budget, float(rate)
@@ -148,9 +167,7 @@ def constrained_argmax(cm: CostModel, probs: Mapping[str, Sequence[float]], budg
             raise BudgetError(f"probs[{n!r}]: {len(cm.choices[n])} finite non-negative values "
                               f"expected, got {p}")
     kinds = list(budget.limits)
-    for k in kinds:
-        if k == "macs" and not cm.has_macs:
-            raise BudgetError("budget on MACs: the cost model has no example input")
+    _check_kinds(cm, budget)
     sizes = [len(cm.choices[n]) for n in names]
     total = math.prod(sizes)
 
@@ -176,11 +193,22 @@ def constrained_argmax(cm: CostModel, probs: Mapping[str, Sequence[float]], budg
     return _beam(cm, probs, budget, names, sizes, kinds, beam, sel_of, fits)
 
 
+def _check_kinds(cm: CostModel, budget: Budget) -> None:
+    if "macs" in budget.limits and not cm.has_macs:
+        raise BudgetError("budget on MACs: the cost model has no example input")
+    if "latency" in budget.limits and not cm.has_latency:
+        raise BudgetError("budget on latency: the cost model has no latency table "
+                          "(tangle_kernels.nn.latency.add_latency)")
+
+
 def _none_fits(budget: Budget, lo: Mapping[str, float]) -> str:
-    parts = [f"--max-{k} {budget.limits[k]:g} (the smallest architecture has {lo[k]:,.0f})"
+    def num(k, v):
+        return f"{v:,.3f} ms" if k == "latency" else f"{v:,.0f}"
+
+    parts = [f"{_flag(k)} {budget.limits[k]:g} (the smallest architecture has {num(k, lo[k])})"
              for k in budget.limits if lo[k] > budget.limits[k]]
     if not parts:
-        parts = [f"--max-{k} {v:g}" for k, v in budget.limits.items()]
+        parts = [f"{_flag(k)} {v:g}" for k, v in budget.limits.items()]
         return "no architecture of the space fits every limit at once: " + ", ".join(parts)
     return "no architecture of the space fits " + ", ".join(parts)
 
@@ -200,7 +228,7 @@ def _beam(cm, probs, budget, names, sizes, kinds, width, sel_of, fits):
                 else:
                     sub = sub.min(dim=ax).values
             tot += float(sub)
-        return tot
+        return tot + (cm.latency_info["rest_ms"] if k == "latency" else 0.0)
 
     lo = {k: bound({}, k) for k in kinds}
     if any(lo[k] > budget.limits[k] for k in kinds):
@@ -225,7 +253,7 @@ def _beam(cm, probs, budget, names, sizes, kinds, width, sel_of, fits):
         if fits(idx):
             return sel_of(idx)
     raise BudgetError("no architecture of the space fits " + ", ".join(
-        f"--max-{k} {v:g}" for k, v in budget.limits.items()) + " (beam search)")
+        f"{_flag(k)} {v:g}" for k, v in budget.limits.items()) + " (beam search)")
 
 
 def setup(search):
@@ -237,21 +265,38 @@ def setup(search):
     from .config import SearchError
 
     cfg = search.cfg
-    budget = Budget.of(cfg.max_params, cfg.max_macs)
+    budget = Budget.of(cfg.max_params, cfg.max_macs, cfg.max_latency_ms)
     if not budget:
         return budget, None, None
     example = None
-    if "macs" in budget.limits:
-        example = search.data.batch("val", 2, generator(derive_seed(cfg.seed, 0, "cost")),
+    if "macs" in budget.limits or "latency" in budget.limits:
+        n = cfg.latency_batch if "latency" in budget.limits else 2
+        example = search.data.batch("val", n, generator(derive_seed(cfg.seed, 0, "cost")),
                                     search.device)[0]
     try:
         cm = CostModel(search.model, search.space.choices, example=example)
+        if "latency" in budget.limits:
+            _add_latency(search, cm, example)
         uniform = {n: [1.0] * len(v) for n, v in search.space.choices.items()}
         constrained_argmax(cm, uniform, budget)  # raises when nothing fits
         lag = Lagrangian(cm, budget, rate=cfg.budget_rate) if search.sampler.trains_arch else None
     except (BudgetError, CostError) as e:
         raise SearchError(f"budget: {e}") from None
     return budget, cm, lag
+
+
+def _add_latency(search, cm: CostModel, example) -> None:
+    """The latency table of ``cm``: measured (or cached) by rank 0, the same on every rank."""
+    from ..nn.latency import add_latency, attach, table_of
+    from .distributed import all_gather_object
+
+    dist = search.dist
+    if dist.is_main:
+        add_latency(cm, search.model, example, device=search.device, log=search.log)
+    if dist.enabled:
+        payload = all_gather_object(table_of(cm) if dist.is_main else None, dist)[0]
+        if not dist.is_main:
+            attach(cm, payload, search.model)
 
 
 def fits(search, selection: Mapping[str, Any]) -> bool:

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget: at most N multiply-accumulates per sample (with --max-params: both)",
     )
     p.add_argument(
+        "--max-latency-ms", type=float, default=None, metavar="T",
+        help="budget: at most T ms per forward pass on the search's device (batch: "
+        "--set latency_batch=N, default 1), from a per-layer latency table measured there "
+        "before the search (a few seconds, cached)",
+    )
+    p.add_argument(
         "--pareto", action="store_true",
         help="after the search, the parameter / supernet-loss front of the trained supernet "
         "at the space's 10-90th percentile budgets (pareto.json, pareto.png; "
@@ -246,7 +252,7 @@ def _config(space, args, base: dict | None = None):
 
     names = ["sampler", "steps", "epochs", "batch_size", "lr", "seed", "checkpoint_every",
              "arch_lr", "warmup_steps", "eval_every", "eval_batches", "retrain_steps",
-             "precision", "max_params", "max_macs", *sampler_options()]
+             "precision", "max_params", "max_macs", "max_latency_ms", *sampler_options()]
     flags = {n: getattr(args, n, None) for n in names}
     if getattr(args, "unrolled", False):
         flags["unrolled"] = True
@@ -279,7 +285,8 @@ def _say_decision(decided) -> None:
         return
     from .samplers import format_decision
 
-    _say("  how decided (final probabilities):")
+    _say("  how decided (final probabilities; 'confident' is their margin, not evidence "
+         "that the choice is right: docs/search-quality.md, Calibration):")
     for line in format_decision(decided):
         _say(f"    {line}")
 
@@ -358,9 +365,13 @@ def cmd_search(argv: Sequence[str]) -> int:
         _say(f"derived architecture: {result['arch_str']}")
         _say(f"  parameters: {result['params']:,} (supernet {result['params_supernet']:,})")
         for k, lim in (result.get("budget") or {}).items():
-            kind = k.removeprefix("max_")
-            _say(f"  budget: {kind} {result['costs'][kind]:,} of at most {lim:,.0f} "
-                 f"({100 * result['budget_margin'][kind]:.1f}% to spare)")
+            from .budget import FIELDS
+
+            kind = {v: k for k, v in FIELDS.items()}[k]
+            cost = result["costs"][kind]
+            unit = (f"{cost:.3f} ms of at most {lim:g} ms" if kind == "latency"
+                    else f"{cost:,} of at most {lim:,.0f}")
+            _say(f"  budget: {kind} {unit} ({100 * result['budget_margin'][kind]:.1f}% to spare)")
         _say(f"  validation (inherited supernet weights): {_fmt_metrics(result['val'])}")
         if "scratch" in result:
             s = result["scratch"]
@@ -390,9 +401,18 @@ def _say_race(race: dict | None) -> None:
         f"contender {race['winner'] + 1} (not the most probable)"
     _say(f"  race ({len(entries)} contenders from scratch, {race['steps']} steps each): "
          f"{won} won by {race['margin']:.4f} {metric}")
+    tied = set(race.get("tied") or ())
     for i, e in enumerate(entries):
-        mark = "*" if i == race["winner"] else " "
+        mark = "*" if i == race["winner"] else "~" if i in tied else " "
         _say(f"   {mark} {e['arch_str']}: {metric} {e[metric]:.4f}")
+    verdict, noise = race.get("verdict"), race.get("noise") or 0.0
+    if verdict == "coin toss":
+        _say(f"  race: COIN TOSS: {len(tied)} contender(s) (~) within the seed noise "
+             f"({noise:.3f} {metric} between two trainings of one architecture) of the winner; "
+             "another seed could pick them")
+    elif verdict == "ahead":
+        _say(f"  race: ahead of every other contender by more than the seed noise "
+             f"({noise:.3f} {metric})")
 
 
 def cmd_train(argv: Sequence[str]) -> int:

@@ -68,6 +68,10 @@ class _Core:
     max_params: float | None = None
     #: budget: at most this many MACs per sample (the spaces' MAC convention)
     max_macs: float | None = None
+    #: budget: at most this many milliseconds per forward pass of ``latency_batch``
+    #: validation samples on the search's device (a measured table, ``nn/latency.py``)
+    max_latency_ms: float | None = None
+    latency_batch: int = 1
     #: dual-ascent rate of the budget's Lagrange multipliers
     budget_rate: float = 1.0
     #: final selection (``race.py``): ``argmax`` of the final distribution, or ``race``:
@@ -78,6 +82,10 @@ class _Core:
     race_archs: int = 4
     race_temperature: float = 1.0
     race_steps: int = 0
+    #: the spread of the race's metric between two from-scratch trainings of one
+    #: architecture (seeds differ): a winner ahead by less is reported as a coin toss
+    #: (0: unknown, no verdict). The nanoGPT space's default is measured (its search_defaults)
+    race_noise: float = 0.0
 
     @property
     def optimizer(self) -> str:
@@ -146,7 +154,9 @@ class _Core:
             v = getattr(self, n)
             if not math.isfinite(v):
                 raise SearchError(f"{n}={v}: must be finite")
-        for n in ("max_params", "max_macs"):
+        if self.latency_batch < 1:
+            raise SearchError(f"latency_batch={self.latency_batch}: must be >= 1")
+        for n in ("max_params", "max_macs", "max_latency_ms"):
             v = getattr(self, n)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise SearchError(f"--{n.replace('_', '-')} {v}: must be positive and finite")
@@ -155,6 +165,8 @@ class _Core:
         if self.race_archs < 1 or self.race_steps < 0:
             raise SearchError(f"race_archs={self.race_archs}, race_steps={self.race_steps}: "
                               "need race_archs >= 1 and race_steps >= 0")
+        if not (self.race_noise >= 0 and math.isfinite(self.race_noise)):
+            raise SearchError(f"race_noise={self.race_noise}: must be >= 0 and finite")
         if not (self.race_temperature > 0 and math.isfinite(self.race_temperature)):
             raise SearchError(f"race_temperature={self.race_temperature}: must be > 0 and finite")
         if self.select == "race":
@@ -230,6 +242,7 @@ _RESUME_FREE = (
     "race_archs",
     "race_temperature",
     "race_steps",
+    "race_noise",
 )
 
 
@@ -273,7 +286,10 @@ def build_config(
 ) -> SearchConfig:
     """SearchConfig: defaults <- ``space.search_defaults`` <- ``base`` <- ``flags`` (None
     values skipped; ``optimizer`` read as ``sampler``; ``steps`` clears ``epochs``) <-
-    ``sets`` (``--set`` pairs: a :class:`SearchError` for an unknown field), checked."""
+    ``sets`` (``--set`` pairs: a :class:`SearchError` for an unknown field), checked. A
+    space's default ``select=race`` becomes ``argmax`` for a sampler without trained
+    architecture parameters (SPOS) and without a from-scratch budget (``race_steps`` and
+    ``retrain_steps`` 0); asked for explicitly, it is refused there."""
     def renamed(layer):  # the old name of the sampler field
         layer = dict(layer or {})
         if "optimizer" in layer:
@@ -297,6 +313,15 @@ def build_config(
             raise SearchError(f"--set {k}: not a search setting (settings: {', '.join(names)})")
         d[k] = v
     d.pop("optimizer", None)
+    explicit = set(renamed(base)) | set(fl) | {("sampler" if k == "optimizer" else k)
+                                                for k in (sets or {})}
+    if d.get("select") == "race" and "select" not in explicit and (
+            (d.get("sampler") in SAMPLERS and not SAMPLERS[d["sampler"]].trains_arch)
+            or (not d.get("race_steps") and not d.get("retrain_steps"))):
+        # a space's default final selection is a race among the trained distribution's
+        # candidates at the retraining's budget; a sampler without one (SPOS) keeps its
+        # own selection stage, and a run without training from scratch the argmax
+        d["select"] = "argmax"
     try:
         cfg = SearchConfig.from_dict(d)
     except TypeError as e:

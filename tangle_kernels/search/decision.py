@@ -1,8 +1,15 @@
 """How decided a search was: entropy and margins of the final probabilities.
 
+The verdicts describe the probabilities, not the truth: ``confident`` means the sampler
+put a clear margin on one value, not that the value is right. On the held-out protocol
+(docs/search-quality.md, "Calibration") confident choices of the nanoGPT space agreed
+with the from-scratch best about as often as chance, which is why the space's default
+final selection is a race (race.py): the probabilities choose the contenders, the
+trainings choose the winner. (Records written before the rename say ``decided``.)
+
 NaN is NaN here: a probability vector with a non-finite entry has no chosen value and
-the verdict ``not finite`` (never ``decided``), so a diverged search cannot pass as a
-decided one.
+the verdict ``not finite`` (never ``confident``), so a diverged search cannot pass as a
+confident one.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["entropy", "decision_report", "format_decision", "COIN_TOSS_MARGIN", "DECIDED_MARGIN"]
+__all__ = ["entropy", "decision_report", "format_decision", "COIN_TOSS_MARGIN", "CONFIDENT_MARGIN",
+           "DECIDED_MARGIN"]
 
 #: margin (top probability minus the runner-up's) under which a choice is a coin toss,
 #: and under which it is only a lean
 COIN_TOSS_MARGIN = 0.05
-DECIDED_MARGIN = 0.2
+CONFIDENT_MARGIN = 0.2
+DECIDED_MARGIN = CONFIDENT_MARGIN  # the old name
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -38,7 +47,7 @@ def decision_report(probs: Mapping[str, Sequence[float]], choices: Mapping[str, 
     """How decided a search was, per choice: the final probabilities, the chosen value,
     its probability and margin over the runner-up, the entropy (nats) and the entropy
     relative to the uniform one (``norm_entropy``: 1 = uniform, 0 = one-hot), and a verdict:
-    ``coin toss`` (margin < 0.05), ``leaning`` (< 0.2) or ``decided`` (``not finite``
+    ``coin toss`` (margin < 0.05), ``leaning`` (< 0.2) or ``confident`` (``not finite``
     when a probability is NaN or infinite: then ``chosen`` is None). ``overall``: the
     summed entropy, its share of the uniform one, the probability of the derived
     architecture (the product of the chosen probabilities), the weakest choice and the
@@ -58,8 +67,8 @@ def decision_report(probs: Mapping[str, Sequence[float]], choices: Mapping[str, 
                 "coin toss"
                 if k > 1 and margin < COIN_TOSS_MARGIN
                 else "leaning"
-                if k > 1 and margin < DECIDED_MARGIN
-                else "decided"
+                if k > 1 and margin < CONFIDENT_MARGIN
+                else "confident"
             )
             chosen = list(choices[n])[order[0]]
         else:

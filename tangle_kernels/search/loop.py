@@ -31,6 +31,7 @@ steps, at the end, and on Ctrl-C), ``arch.json`` and ``alphas.png`` (``report.py
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 
 from ..nn.base import set_arch
+from ..nn.latency import attach, table_of
 from . import distributed as D
 from . import report
 from .checkpoint import (
@@ -209,6 +211,10 @@ class Search:
             "a_opt": self.a_opt.state_dict() if self.a_opt is not None else None,
             "alphas": self.sampler.state_dict(),
             "budget": self.lagrangian.state_dict() if self.lagrangian is not None else None,
+            # the measured latency table (a resumed run prices as the interrupted one did)
+            "latency_table": (json.dumps(table_of(self.cost_model))
+                              if self.cost_model is not None and self.cost_model.has_latency
+                              else None),
             "rng": rng_state(self.device),
             "torch": str(torch.__version__),
         }
@@ -236,6 +242,9 @@ class Search:
             self.sampler.load_state_dict(ck["alphas"])
             if self.lagrangian is not None and ck.get("budget") is not None:
                 self.lagrangian.load_state_dict(ck["budget"])
+            if ck.get("latency_table") and self.cost_model is not None and \
+                    self.cost_model.has_latency:
+                attach(self.cost_model, json.loads(ck["latency_table"]))
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SearchError(

@@ -17,6 +17,13 @@ exploration), each within the budget when there is one. Each contender is traine
 from a seed of its own (``derive_seed(seed, i, "race")``: never the retraining's), and
 scored on the run's fixed validation batches; ties keep the earlier contender. Every
 rank runs the same race (same seeds, same batches), so DDP ranks agree.
+
+A race is one training per contender, so its ranking carries the seed noise of a
+training: ``race_noise`` (the spread of the metric between two trainings of one
+architecture with different seeds) turns the winner's margin into a verdict. ``coin
+toss``: a runner-up within the noise of the winner (``tied`` names them), so another seed
+could have picked it; ``ahead``: every other contender is further behind; no verdict
+when the noise is unknown (0).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 
 from .common import derive_seed, generator
 
-__all__ = ["contenders", "race"]
+__all__ = ["contenders", "race", "race_verdict"]
 
 
 def _tempered(probs: Mapping[str, Any], temperature: float) -> dict[str, torch.Tensor]:
@@ -64,6 +71,18 @@ def contenders(first: Mapping[str, Any], choices: Mapping[str, list], probs: Map
         seen.add(key)
         out.append(sel)
     return out
+
+
+def race_verdict(values: list[float], winner: int, noise: float) -> tuple[str | None, list[int]]:
+    """``(verdict, tied)``: the contenders within ``noise`` of the winner's value
+    (``tied``) and ``coin toss`` when there is one, ``ahead`` when none; ``None`` when
+    the noise is unknown (0) or there is one contender. A non-finite value is never tied."""
+    if noise <= 0 or len(values) < 2:
+        return None, []
+    w = values[winner]
+    tied = [j for j, v in enumerate(values)
+            if j != winner and math.isfinite(v) and abs(v - w) < noise]
+    return ("coin toss" if tied else "ahead"), tied
 
 
 def race(search, first: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -103,6 +122,8 @@ def race(search, first: Mapping[str, Any]) -> tuple[dict, dict]:
     _, i, res = best
     winner = dict(cands[i])
     scores = sorted(e[metric] if minimize else -e[metric] for e in entries)
+    noise = float(cfg.race_noise)
+    verdict, tied = race_verdict([e[metric] for e in entries], i, noise)
     rec = {
         "steps": steps,
         "temperature": cfg.race_temperature,
@@ -111,6 +132,9 @@ def race(search, first: Mapping[str, Any]) -> tuple[dict, dict]:
         "argmax_won": i == 0,
         # the winner's lead over the runner-up, in the metric's units (0 with one contender)
         "margin": (abs(scores[1] - scores[0]) if len(scores) > 1 else 0.0),
+        "noise": noise,
+        "verdict": verdict,
+        "tied": tied,
         "scratch": res,
     }
     return winner, rec

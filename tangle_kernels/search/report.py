@@ -160,6 +160,8 @@ def finish(search) -> dict:
         result["budget_margin"] = budget.margins(costs)
         if search.lagrangian is not None:
             result["budget_multipliers"] = search.lagrangian.state_dict()
+        if search.cost_model.has_latency:  # how the table was made and its check
+            result["latency_table"] = dict(search.cost_model.latency_info)
     if history is not None:
         result["spos_history"] = history
     result["decided"] = sampler.decision(history, cfg)

@@ -102,7 +102,9 @@ def test_bad_queries_are_refused():
         cm.expected({**probs, "embed": torch.tensor([float("nan"), 0.5, 0.5], dtype=torch.float64)})
     with pytest.raises(CostError, match="length"):
         cm.expected({**probs, "embed": torch.ones(2, dtype=torch.float64)})
-    with pytest.raises(CostError, match="'params' or 'macs'"):
+    with pytest.raises(CostError, match="'params', 'macs' or 'latency'"):
+        cm.expected(probs, "flops")
+    with pytest.raises(CostError, match="latency needs a measured table"):
         cm.expected(probs, "latency")
     with pytest.raises(CostError, match="not in the choices given"):
         CostModel(model, {n: v for n, v in sp.choices.items() if n != "heads"})

@@ -88,7 +88,7 @@ def test_bad_budgets_and_probabilities_are_refused():
         with pytest.raises(BudgetError, match="positive finite"):
             Budget({"params": bad})
     with pytest.raises(BudgetError, match="unknown cost"):
-        Budget({"latency": 3.0})
+        Budget({"energy": 3.0})
     probs = {n: [1.0 / len(v)] * len(v) for n, v in sp.choices.items()}
     probs["embed"] = [float("nan"), 0.5, 0.5]
     with pytest.raises(BudgetError, match="finite non-negative"):

@@ -92,12 +92,13 @@ def test_conditional_agreement_holds_the_other_choices_fixed():
         "a": {"chosen": 1, "verdict": "decided"}, "b": {"chosen": 2, "verdict": "leaning"}}}}
     got = conditional_agreement(row, ref)
     # with b=2 fixed, a=1 (0.5) beats a=2 (3.0); with a=1 fixed, b=2 (0.5) beats b=1 (2.0)
-    assert got == {"a": (True, "decided"), "b": (True, "leaning")}
+    # records written before the rename say "decided": read as "confident"
+    assert got == {"a": (True, "confident"), "b": (True, "leaning")}
     row["arch"] = {"a": 2, "b": 2}
     row["decision"]["choices"]["a"]["chosen"] = 2
     got = conditional_agreement(row, ref)
     # with b=2 fixed a=1 is better (0.5 < 3.0); with a=2 fixed b=1 is better (1.0 < 3.0)
-    assert got == {"a": (False, "decided"), "b": (False, "leaning")}
+    assert got == {"a": (False, "confident"), "b": (False, "leaning")}
 
 
 def test_spearman():

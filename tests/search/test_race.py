@@ -10,7 +10,7 @@ import math
 import pytest
 
 from tangle_kernels.search import Search, SearchConfig, SearchError
-from tangle_kernels.search.race import contenders
+from tangle_kernels.search.race import contenders, race_verdict
 from tangle_kernels.search.report import train_from_scratch
 from tangle_kernels.search.common import derive_seed
 from tangle_kernels.spaces import make_space
@@ -50,6 +50,15 @@ def test_contenders_respect_the_budget():
     assert len(contenders({"a": 1, "b": 10}, CHOICES, probs, 3, fits=fits)) == 3
 
 
+def test_race_verdict_names_the_contenders_within_the_noise():
+    vals = [2.10, 2.08, 2.095, 2.20, float("nan")]
+    # winner 1 (2.08): 2.095 is within 0.023, 2.10 too; 2.20 and NaN are not
+    assert race_verdict(vals, 1, 0.023) == ("coin toss", [0, 2])
+    assert race_verdict(vals, 1, 0.01) == ("ahead", [])
+    assert race_verdict(vals, 1, 0.0) == (None, [])  # unknown noise: no verdict
+    assert race_verdict([2.0], 0, 0.05) == (None, [])
+
+
 def _space():
     return make_space("nanogpt", preset="tiny", hparams={"block_size": 16})
 
@@ -69,6 +78,8 @@ def test_race_selects_the_best_contender_and_reuses_its_training(tmp_path):
     assert race["argmax_won"] == (race["winner"] == 0)
     srt = sorted(losses)
     assert math.isclose(race["margin"], srt[1] - srt[0], rel_tol=1e-9)
+    # SearchConfig's race_noise is 0 (unknown): no verdict
+    assert race["noise"] == 0.0 and race["verdict"] is None and race["tied"] == []
     # the retraining is the winner's race training (same budget): reproduce it
     again = train_from_scratch(sp, data, res["arch"], cfg, steps=3, eval_set=s.eval_set,
                                seed=derive_seed(cfg.seed, race["winner"], "race"))
@@ -92,3 +103,29 @@ def test_race_settings_are_checked():
     with pytest.raises(SearchError, match="race_archs"):
         SearchConfig(select="race", race_archs=0, retrain_steps=2).check()
     SearchConfig(select="race", race_steps=5).check()
+    with pytest.raises(SearchError, match="race_noise"):
+        SearchConfig(select="race", race_steps=5, race_noise=-0.1).check()
+    with pytest.raises(SearchError, match="race_noise"):
+        SearchConfig(race_noise=float("nan")).check()
+
+
+def test_the_nanogpt_default_races_and_spos_keeps_its_own_selection():
+    from tangle_kernels.search import build_config
+
+    sp = make_space("nanogpt")
+    cfg = build_config(sp, {})
+    # the race runs at the retraining's budget (race_steps 0), whose training it reuses
+    assert cfg.select == "race" and cfg.retrain_steps == 400 and cfg.race_steps == 0
+    assert cfg.race_noise > 0
+    assert build_config(sp, {"retrain_steps": 20}).select == "race"
+    # no training from scratch at all: the argmax (a race was not asked for)
+    assert build_config(sp, {"retrain_steps": 0}).select == "argmax"
+    with pytest.raises(SearchError, match="race_steps=N or --retrain-steps"):
+        build_config(sp, {"retrain_steps": 0}, {"select": "race"})
+    # the space's default is a race; SPOS has no trained distribution: its own stage
+    assert build_config(sp, {"sampler": "spos"}).select == "argmax"
+    assert build_config(sp, {"optimizer": "gdas"}).select == "race"
+    # asked for explicitly, a race under SPOS is refused (never silently dropped)
+    with pytest.raises(SearchError, match="has none"):
+        build_config(sp, {"sampler": "spos"}, {"select": "race"})
+    assert build_config(sp, {}, {"select": "argmax"}).select == "argmax"

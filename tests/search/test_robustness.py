@@ -153,7 +153,7 @@ def test_decision_report_treats_nan_as_nan():
     a = rep["choices"]["a"]
     assert a["verdict"] == "not finite" and a["chosen"] is None
     assert math.isnan(a["entropy"]) and math.isnan(a["margin"])
-    assert rep["choices"]["b"]["verdict"] == "decided"
+    assert rep["choices"]["b"]["verdict"] == "confident"
     assert rep["overall"]["not_finite"] == ["a"] and math.isnan(rep["overall"]["entropy"])
     assert math.isnan(entropy(torch.tensor([nan, 1.0])))
     assert any("NOT FINITE on a" in line for line in format_decision(rep))

@@ -69,6 +69,9 @@ def test_cli_search_train_and_outputs(tmp_path, capsys):
         and "validation (inherited supernet weights): loss" in stdout
     )
     assert "trained from scratch, 2 steps" in stdout
+    # the nanoGPT space's default final selection: a race at the retraining's budget
+    assert "race (4 contenders from scratch, 2 steps each)" in stdout
+    assert "'confident' is their margin, not evidence" in stdout
     arch = json.loads((out / "arch.json").read_text())
     assert arch["optimizer"] == "gdas" and arch["seed"] == 3 and arch["steps"] == 4
     assert set(arch["alphas"]) == {"embed", "heads", "mlp_ratio", "layers"}
@@ -103,6 +106,8 @@ def test_cli_search_train_and_outputs(tmp_path, capsys):
             str(out),
             "--seed",
             "3",
+            "--retrain-steps",  # the same race (the space's default final selection)
+            "2",
             "--resume",
             *TINY,
         ],

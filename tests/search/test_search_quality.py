@@ -118,7 +118,7 @@ def test_decision_report():
     )
     e, h = rep["choices"]["embed"], rep["choices"]["heads"]
     assert e["chosen"] == 32 and e["verdict"] == "coin toss" and e["margin"] == pytest.approx(0.006)
-    assert h["chosen"] == 2 and h["verdict"] == "decided"
+    assert h["chosen"] == 2 and h["verdict"] == "confident"
     assert 0.9 < e["norm_entropy"] < 1.0 and 0.0 < h["norm_entropy"] < 0.5
     assert rep["overall"]["coin_tosses"] == ["embed"]
     assert rep["overall"]["arch_prob"] == pytest.approx(0.404 * 0.9, abs=1e-4)

@@ -1,0 +1,166 @@
+"""Latency table check and the cost of a budget (issue 26), on one quiet machine.
+
+1. The latency table of the nanoGPT space (default preset, batch ``--batch``) on
+   ``--device``: how long it takes to build, and for every architecture of the space
+   (or ``--archs`` random ones) the table's sum against the measured latency of the
+   extracted plain model (same timer), as relative errors.
+2. The wall-clock of a search under a budget against the same search without one
+   (``--steps`` DrNAS steps, argmax, no retraining; interleaved ``--rounds`` times):
+   ``--max-params`` and ``--max-latency-ms`` at the space's median.
+
+Writes ``benchmarks/results/<date>-latency-check.{md,json}``::
+
+    python benchmarks/latency_check.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.sections import git_commit as _commit  # noqa: E402
+
+
+def table_check(args) -> dict:
+    import torch
+
+    from tangle_kernels.nn.convert import extract
+    from tangle_kernels.nn.cost import CostModel
+    from tangle_kernels.nn.latency import _time_module, add_latency
+    from tangle_kernels.spaces import make_space
+
+    sp = make_space("nanogpt")
+    data = sp.make_data(None)
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    net = sp.build_supernet(data).to(dev)
+    x = data.batch("val", args.batch, torch.Generator().manual_seed(0), dev)[0]
+    cm = CostModel(net, sp.choices, example=x)
+    t0 = time.perf_counter()
+    info = add_latency(cm, net, x, device=dev, cache=False)
+    build_s = time.perf_counter() - t0
+    sels = [dict(zip(sp.choices, c)) for c in itertools.product(*sp.choices.values())]
+    if args.archs and args.archs < len(sels):
+        sels = random.Random(0).sample(sels, args.archs)
+    rows = []
+    for sel in sels:
+        plain = extract(net, sel).to(dev).eval()
+        with torch.no_grad():
+            ms = _time_module(plain, x, dev, 0.02)
+        t = cm.latency(sel)
+        rows.append({"arch": sp.describe(sel), "measured_ms": ms, "table_ms": t,
+                     "rel_err": t / ms - 1.0})
+    errs = [abs(r["rel_err"]) for r in rows]
+    return {"build_s": build_s, "info": info, "rows": rows,
+            "max_abs_err": max(errs), "mean_abs_err": statistics.fmean(errs),
+            "within_20pct": sum(e <= 0.2 for e in errs), "n": len(rows)}
+
+
+def budget_cost(args) -> dict:
+    import torch
+
+    from tangle_kernels.nn.cost import CostModel
+    from tangle_kernels.search import Search, SearchConfig
+    from tangle_kernels.spaces import make_space
+
+    sp = make_space("nanogpt")
+    data = sp.make_data(None)
+    cm = CostModel(sp.build_supernet(data), sp.choices)
+    ps = sorted(cm.params(dict(zip(sp.choices, c))) for c in itertools.product(*sp.choices.values()))
+    median_params = ps[len(ps) // 2]
+    variants = {"none": {}, "max_params": {"max_params": median_params}}
+    if args.latency_limit:
+        variants["max_latency_ms"] = {"max_latency_ms": args.latency_limit}
+    times = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for k, kw in variants.items():
+                cfg = SearchConfig(sampler="drnas", steps=args.steps, batch_size=32,
+                                   lr=3e-3, arch_lr=3e-2, drnas_concentration=10.0,
+                                   eval_batches=4, checkpoint_every=0, retrain_steps=0, **kw)
+                out = os.path.join(tmp, f"{k}-{r}")
+                s = Search(sp, data, cfg, out=out, device=args.device, progress=False,
+                           log=lambda m: None)
+                t0 = time.perf_counter()
+                s.run()
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"steps": args.steps, "rounds": args.rounds, "median_params": median_params,
+            "latency_limit_ms": args.latency_limit, "times_s": times, "median_s": med,
+            "ratio": {k: med[k] / med["none"] for k in med}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--archs", type=int, default=0, help="random archs to check (0: all)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tc = table_check(args)
+    big = max(tc["rows"], key=lambda r: r["measured_ms"])["table_ms"]
+    small = min(tc["rows"], key=lambda r: r["measured_ms"])["table_ms"]
+    args.latency_limit = round((big + small) / 2, 3)
+    bc = budget_cost(args)
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    rec = {"date": date, "commit": _commit(), "machine": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "device": args.device, "table": tc, "budget": bc}
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"{date}-latency-check")
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump(rec, f, indent=1)
+    chk = tc["info"]["check"]
+    lines = [
+        f"# Latency table and budget cost ({date}, commit {rec['commit']}, {args.device}, "
+        f"{rec['threads']} threads, torch {rec['torch']})",
+        "",
+        f"nanoGPT space (default preset, batch {args.batch}): table built in "
+        f"{tc['build_s']:.1f} s; remainder between the layers {tc['info']['rest_ms']:.3f} ms "
+        f"(max arch: measured {chk['max']['measured_ms']:.3f} ms, table "
+        f"{chk['max']['table_ms']:.3f}; min arch: {chk['min']['measured_ms']:.3f} / "
+        f"{chk['min']['table_ms']:.3f}).",
+        "",
+        f"Table sum vs the extracted model measured, {tc['n']} architectures: mean |error| "
+        f"{100 * tc['mean_abs_err']:.1f}%, max {100 * tc['max_abs_err']:.1f}%, within 20%: "
+        f"{tc['within_20pct']}/{tc['n']}.",
+        "",
+        f"Search wall-clock ({bc['steps']} DrNAS steps, argmax, median of {bc['rounds']} "
+        "interleaved rounds):",
+        "",
+        "| budget | median s | ratio to none |",
+        "|---|---|---|",
+    ]
+    for k, v in bc["median_s"].items():
+        lim = {"none": "", "max_params": f" {bc['median_params']:,}",
+               "max_latency_ms": f" {bc['latency_limit_ms']} ms"}[k]
+        lines.append(f"| {k}{lim} | {v:.1f} | {bc['ratio'][k]:.3f}x |")
+    md = "\n".join(lines) + "\n"
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The measured latency table (nn/latency.py): per-layer timings summed per architecture
+and in expectation like the other costs, the measured remainder, the cache, and the
+budget on it (``--max-latency-ms``) in the search driver, with resume.
+
+Timings on a shared 2-core machine are noise, so every exact check replaces the timer
+with a deterministic function of the module and its input; one test times for real and
+checks only that the table is sane (positive, finite, larger for a larger network)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import tangle_kernels.nn.latency as L
+from tangle_kernels.nn.cost import CostError, CostModel
+from tangle_kernels.spaces import make_space
+
+CALLS = {"n": 0}
+
+
+def fake_ms(m, x, device, min_time):
+    """A deterministic 'latency': 1 us per parameter plus 1 ns per input element."""
+    CALLS["n"] += 1
+    return 1e-3 * sum(p.numel() for p in m.parameters()) + 1e-6 * x.numel() + 0.01
+
+
+def _built(name="nanogpt", preset="tiny"):
+    sp = make_space(name, preset=preset)
+    data = sp.make_data("synthetic")
+    torch.manual_seed(0)
+    model = sp.build_supernet(data)
+    x, _ = data.batch("val", 1, torch.Generator().manual_seed(0))
+    return sp, data, model, x
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(L, "_time_module", fake_ms)
+    CALLS["n"] = 0
+    return CALLS
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "conv-macro", "autoformer"])
+def test_table_sums_per_architecture_and_in_expectation(fake, name, tmp_path):
+    sp, _, model, x = _built(name)
+    cm = CostModel(model, sp.choices, example=x)
+    info = L.add_latency(cm, model, x, cache=str(tmp_path))
+    assert cm.has_latency and info["rest_ms"] >= 0
+    if name == "nanogpt":  # each block of the depth timed whole, its layers not alone
+        blocks = [u for u in cm._latency_units if u.path.endswith("#block")]
+        assert len(blocks) == max(sp.choices["layers"]) >= 2
+        assert all(float(u.latency.max()) > 0 for u in blocks)
+        inner = [u for u in cm._units if u.path.startswith("blocks.blocks.")]
+        assert inner and all(float(u.latency.abs().max()) == 0 for u in inner)
+        # a block the depth does not reach costs nothing: depth 1 prices block 0 only
+        i = sp.choices["layers"].index(1)
+        assert float(blocks[1].latency.select(blocks[1].names.index("layers"), i).max()) == 0
+    # the remainder is measured at both ends: whole model minus the table
+    for end in ("max", "min"):
+        c = info["check"][end]
+        assert c["rest_ms"] == pytest.approx(c["measured_ms"] - c["table_ms"])
+    names = list(sp.choices)
+    g = torch.Generator().manual_seed(1)
+    probs = {n: torch.softmax(torch.randn(len(v), generator=g, dtype=torch.float64), 0)
+             for n, v in sp.choices.items()}
+    brute = 0.0
+    for combo in itertools.product(*[range(len(sp.choices[n])) for n in names]):
+        sel = {n: sp.choices[n][i] for n, i in zip(names, combo)}
+        p = math.prod(float(probs[n][i]) for n, i in zip(names, combo))
+        brute += p * cm.latency(sel)
+    assert float(cm.expected(probs, "latency")) == pytest.approx(brute, rel=1e-9)
+    # a larger architecture is slower under this timer (more parameters, wider inputs)
+    small = {n: min(v) for n, v in sp.choices.items()}
+    big = {n: max(v) for n, v in sp.choices.items()}
+    assert cm.latency(big) > cm.latency(small) > 0
+
+
+def test_expected_latency_gradient_equals_finite_differences(fake, tmp_path):
+    sp, _, model, x = _built()
+    cm = CostModel(model, sp.choices, example=x)
+    L.add_latency(cm, model, x, cache=False)
+    g = torch.Generator().manual_seed(3)
+    logits = tuple(torch.randn(len(v), generator=g, dtype=torch.float64, requires_grad=True)
+                   for v in sp.choices.values())
+
+    def f(*ls):
+        return cm.expected({n: torch.softmax(a, 0) for n, a in zip(sp.choices, ls)}, "latency")
+
+    assert torch.autograd.gradcheck(f, logits, eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_the_cache_is_read_back_and_a_broken_file_is_measured_again(fake, tmp_path):
+    sp, _, model, x = _built()
+    cm = CostModel(model, sp.choices, example=x)
+    L.add_latency(cm, model, x, cache=str(tmp_path))
+    measured = fake["n"]
+    assert measured > 0
+    sel = {n: v[-1] for n, v in sp.choices.items()}
+    cm2 = CostModel(model, sp.choices, example=x)
+    info = L.add_latency(cm2, model, x, cache=str(tmp_path))
+    assert fake["n"] == measured and info["cached"].startswith(str(tmp_path))
+    assert cm2.latency(sel) == cm.latency(sel)
+    # the table travels as plain data (DDP rank 0 -> the others, the checkpoint)
+    cm3 = CostModel(model, sp.choices, example=x)
+    L.attach(cm3, json.loads(json.dumps(L.table_of(cm))), model)
+    assert cm3.latency(sel) == cm.latency(sel)
+    (path,) = list(tmp_path.glob("*.json"))
+    path.write_text("{not json")
+    L.add_latency(CostModel(model, sp.choices, example=x), model, x, cache=str(tmp_path))
+    assert fake["n"] == 2 * measured
+
+
+def test_latency_queries_without_a_table_are_refused():
+    sp, _, model, x = _built()
+    cm = CostModel(model, sp.choices, example=x)
+    with pytest.raises(CostError, match="latency needs a measured table"):
+        cm.latency({n: v[0] for n, v in sp.choices.items()})
+    with pytest.raises(CostError, match="latency table: no timings"):
+        L.attach(cm, {"info": {"rest_ms": 0.0}, "tables": {}})
+
+
+def test_a_real_table_is_sane(tmp_path):
+    sp, _, model, x = _built()
+    cm = CostModel(model, sp.choices, example=x)
+    info = L.add_latency(cm, model, x, cache=False, min_time=0.001)
+    small = {n: min(v) for n, v in sp.choices.items()}
+    big = {n: max(v) for n, v in sp.choices.items()}
+    for sel in (small, big):
+        t = cm.latency(sel)
+        assert math.isfinite(t) and t > 0
+    assert info["measure_s"] < 60
+    assert all(math.isfinite(c["measured_ms"]) and c["measured_ms"] > 0
+               for c in info["check"].values())
+
+
+# ------------------------------------------------------------------ the search driver
+def test_search_under_a_latency_budget_and_resume(fake, tmp_path, monkeypatch):
+    from tangle_kernels.search import Search, SearchConfig
+
+    monkeypatch.setenv("TANGLE_CACHE", str(tmp_path / "cache"))
+    sp, data, model, x = _built()
+    cm = CostModel(model, sp.choices, example=x)
+    L.add_latency(cm, model, x, cache=False)
+    lats = sorted(cm.latency(dict(zip(sp.choices, c)))
+                  for c in itertools.product(*sp.choices.values()))
+    limit = lats[len(lats) // 4]
+    cfg = SearchConfig(sampler="drnas", steps=4, batch_size=4, eval_batches=1,
+                       checkpoint_every=0, max_latency_ms=limit)
+    res = Search(sp, data, cfg, out=str(tmp_path / "a"), progress=False,
+                 log=lambda m: None).run()
+    doc = json.loads((tmp_path / "a" / "arch.json").read_text())
+    assert doc["budget"] == {"max_latency_ms": limit}
+    assert doc["costs"]["latency"] <= limit
+    assert doc["costs"]["latency"] == pytest.approx(cm.latency(res["arch"]))
+    assert doc["latency_table"]["rest_ms"] >= 0 and "check" in doc["latency_table"]
+    recs = [json.loads(r) for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all("lambda_latency" in r for r in recs if r.get("kind") == "train")
+    # interrupted and resumed: the checkpoint's table prices the rest of the run
+    s = Search(sp, data, cfg, out=str(tmp_path / "b"), progress=False, log=lambda m: None,
+               on_step=lambda search, step: search.request_stop() if step == 1 else None)
+    with pytest.raises(KeyboardInterrupt):
+        s.run()
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert json.loads(ck["latency_table"])["tables"]
+    Search(sp, data, cfg, out=str(tmp_path / "b"), resume=True, progress=False,
+           log=lambda m: None).run()
+    doc2 = json.loads((tmp_path / "b" / "arch.json").read_text())
+    assert doc2["arch"] == doc["arch"] and doc2["costs"] == doc["costs"]
+
+
+def test_a_latency_budget_nothing_fits_is_refused_with_the_flag(fake, tmp_path, capsys,
+                                                               monkeypatch):
+    from cli_util import assert_one_error, run_cli
+
+    monkeypatch.setenv("TANGLE_CACHE", str(tmp_path / "cache"))
+    rc, _, err = run_cli(["--space", "nanogpt", "--preset", "tiny", "--data", "synthetic",
+                          "--steps", "2", "--batch-size", "4", "--max-latency-ms", "1e-6",
+                          "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert_one_error(rc, err, "budget: no architecture of the space fits --max-latency-ms 1e-06")
