@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's main command: sets everything up, then runs a NAS search on CPU
-# (nanoGPT space, DrNAS, 400 steps on the embedded Sonnets corpus), trains the derived
-# architecture from scratch for 400 steps, and prints the derived architecture, its
-# validation loss and how decided the search was (final probabilities, entropy, coin
-# tosses). Everything is saved under runs/nanogpt (arch.json, metrics.jsonl,
+# (nanoGPT space, DrNAS, 250 steps on the embedded Sonnets corpus), races the most
+# probable architecture and 3 more drawn from the final distribution, each trained from
+# scratch for 400 steps (the winner's training is the retraining), and prints the
+# derived architecture, its validation loss, the race (a coin toss when the runner-up is
+# within the seed noise) and how decided the probabilities were. Everything is saved under runs/nanogpt (arch.json, metrics.jsonl,
 # checkpoint.pt, alphas.png); its run time: benchmarks/results/. How good the derived
 # architecture is against every architecture trained from scratch, and against the other
 # samplers: benchmarks/search_quality.py (docs/search-quality.md).

@@ -18,6 +18,13 @@ if os.environ.get("TANGLE_GPU_LANE", "0") in ("", "0"):
 # threads made steps 4-8x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Caches the package writes (the latency tables) go to a folder of this test session,
+# never the user's ~/.cache.
+if "TANGLE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["TANGLE_CACHE"] = tempfile.mkdtemp(prefix="tangle-test-cache-")
+
 import random  # noqa: E402
 
 import numpy as np  # noqa: E402

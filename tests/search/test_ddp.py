@@ -134,7 +134,8 @@ runpy.run_module("tangle_kernels.search", run_name="__main__", alter_sys=True)
 )
 def test_two_rank_search_under_a_budget_with_a_race_agrees(tmp_path):
     """Issue 26/28 under DDP: the budget's Lagrange term and the race run on every rank
-    (same noise, same seeds); the ranks derive one architecture within the budget."""
+    (same noise, same seeds), the latency table is rank 0's; the ranks derive one
+    architecture within the budget."""
     from tangle_kernels.nn.cost import CostModel
     from tangle_kernels.spaces import make_space
 
@@ -146,13 +147,15 @@ def test_two_rank_search_under_a_budget_with_a_race_agrees(tmp_path):
     limit = int(lo + 0.4 * (hi - lo))
     out = tmp_path / "ddp-budget"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "MASTER_ADDR": "127.0.0.1"}
+           "MASTER_ADDR": "127.0.0.1", "TANGLE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tangle_kernels.search", "--preset", "tiny", "--hp", "block_size=16",
            "--data", "synthetic", "--batch-size", "4", "--steps", "5", "--sampler", "drnas",
            "--max-params", str(limit), "--set", "eval_batches=2", "--set", "select=race",
-           "--set", "race_archs=3", "--set", "race_steps=2", "--out", str(out),
-           "--no-progress"]
+           "--set", "race_archs=3", "--retrain-steps", "2", "--out", str(out),
+           # a latency limit every architecture meets: rank 0 measures the table, the
+           # other rank prices with it (a table per rank could split the ranks)
+           "--max-latency-ms", "1e6", "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     arch = json.loads((out / "arch.json").read_text())
@@ -161,6 +164,8 @@ def test_two_rank_search_under_a_budget_with_a_race_agrees(tmp_path):
     assert d["ranks_agree"] is True
     assert arch["costs"]["params"] <= limit and arch["budget_margin"]["params"] >= 0
     assert "budget_multipliers" in arch
+    assert arch["budget"]["max_latency_ms"] == 1e6 and 0 < arch["costs"]["latency"] < 1e6
+    assert arch["latency_table"]["rest_ms"] >= 0
     race = arch["race"]
     assert race["contenders"][race["winner"]]["arch"] == arch["arch"]
     assert all(e["params"] <= limit for e in race["contenders"])

@@ -16,7 +16,12 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.quality import corpora  # noqa: E402
 from benchmarks.quality.diagnose import spearman  # noqa: E402
-from benchmarks.quality.heldout import conditional_agreement, setting_label  # noqa: E402
+from benchmarks.quality.heldout import (  # noqa: E402
+    conditional_agreement,
+    in_budget,
+    random_k,
+    setting_label,
+)
 
 
 def test_the_protocol_has_five_corpora_and_a_fixed_split():
@@ -106,3 +111,26 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 1, 1]) == 0.0
     assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+
+
+def test_a_budgeted_run_is_ranked_among_the_architectures_within_its_budget():
+    ref = {str(i): {"arch": {"a": i}, "params": 10 * i, "val_loss": 3.0 - 0.1 * i}
+           for i in range(10)}
+    assert in_budget(ref, {}) is ref and in_budget(ref, {"steps": 3}) is ref
+    fit = in_budget(ref, {"max_params": 45})
+    assert sorted(r["params"] for r in fit.values()) == [0, 10, 20, 30, 40]
+
+
+def test_best_of_k_random_is_the_exact_expectation():
+    import itertools
+    import statistics
+
+    from benchmarks.quality.bench import percentile
+
+    losses = [2.0 + 0.01 * i for i in range(10)]
+    got = random_k(losses, 3, top=25.0)
+    pcts = [percentile(min(c), losses) for c in itertools.combinations(losses, 3)]
+    assert got["mean"] == pytest.approx(statistics.fmean(pcts))
+    assert got["p_top"] == pytest.approx(sum(p < 25 for p in pcts) / len(pcts))
+    assert random_k(losses, 1)["mean"] == pytest.approx(statistics.fmean(
+        percentile(x, losses) for x in losses))
