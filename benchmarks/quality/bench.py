@@ -149,13 +149,11 @@ class Bench:
 
     def cfg(self, **kw):
         from tangle_kernels.search import SearchConfig
-
-        from tangle_kernels.search.samplers import SAMPLERS
+        from tangle_kernels.search.config import default_select
 
         d = dict(self.base_cfg)
         d.update(kw)
-        if d.get("select") == "race" and not SAMPLERS[d["sampler"]].trains_arch:
-            d["select"] = "argmax"  # as build_config does for a space's default (SPOS)
+        d["select"] = default_select(d)  # as build_config does (SPOS: its own selection)
         return SearchConfig.from_dict(d)
 
     # ------------------------------------------------------------------ reference
@@ -361,7 +359,7 @@ REPORT_ONLY = ("race_noise",)
 def search_settings(cfg: dict) -> dict:
     """The settings that make a benchmark search what it is: without the report-only
     ones and ``retrain_steps`` (the benchmark retrains nothing in a search: its own
-    budget is in the cache key), the race's steps explicit."""
+    budget is in the cache key; a race's steps are made explicit before this)."""
     return {k: v for k, v in cfg.items() if k not in REPORT_ONLY and k != "retrain_steps"}
 
 

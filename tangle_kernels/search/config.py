@@ -278,6 +278,20 @@ SearchConfig = _make_config_class()
 SearchConfig._RESUME_FREE = SearchConfig.resume_free()
 
 
+def default_select(d: Mapping[str, Any]) -> str:
+    """The final selection of settings ``d`` whose ``select`` was not asked for: a
+    space's default race is a race among the trained distribution's candidates at the
+    retraining's budget, so a sampler without one (SPOS) keeps its own selection stage
+    and a run without training from scratch (``race_steps``, ``retrain_steps`` 0) the
+    argmax."""
+    sel = d.get("select", "argmax")
+    if sel == "race" and (
+            (d.get("sampler") in SAMPLERS and not SAMPLERS[d["sampler"]].trains_arch)
+            or (not d.get("race_steps") and not d.get("retrain_steps"))):
+        return "argmax"
+    return sel
+
+
 def build_config(
     space=None,
     flags: Mapping[str, Any] | None = None,
@@ -315,13 +329,8 @@ def build_config(
     d.pop("optimizer", None)
     explicit = set(renamed(base)) | set(fl) | {("sampler" if k == "optimizer" else k)
                                                 for k in (sets or {})}
-    if d.get("select") == "race" and "select" not in explicit and (
-            (d.get("sampler") in SAMPLERS and not SAMPLERS[d["sampler"]].trains_arch)
-            or (not d.get("race_steps") and not d.get("retrain_steps"))):
-        # a space's default final selection is a race among the trained distribution's
-        # candidates at the retraining's budget; a sampler without one (SPOS) keeps its
-        # own selection stage, and a run without training from scratch the argmax
-        d["select"] = "argmax"
+    if "select" not in explicit:
+        d["select"] = default_select(d)
     try:
         cfg = SearchConfig.from_dict(d)
     except TypeError as e:
