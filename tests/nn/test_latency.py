@@ -181,3 +181,55 @@ def test_a_latency_budget_nothing_fits_is_refused_with_the_flag(fake, tmp_path, 
                           "--steps", "2", "--batch-size", "4", "--max-latency-ms", "1e-6",
                           "--out", str(tmp_path / "r"), "--no-progress"], capsys)
     assert_one_error(rc, err, "budget: no architecture of the space fits --max-latency-ms 1e-06")
+
+
+class _TinyLM(torch.nn.Module):
+    """A stock model (plain torch modules), made a supernet by entangle()."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(11, 8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 8)
+        self.head = torch.nn.Linear(8, 11, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        x = x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+        return self.head(x)
+
+
+def test_a_model_made_by_entangle_gets_a_table(fake):
+    import tangle_kernels.nn as tnn
+
+    choices = {"embed": (4, 8), "ratio": (1, 2)}
+    dims = {"wte.embedding_dim": "embed", "ln.normalized_shape": "embed",
+            "fc1.in_features": "embed", "fc1.out_features": ("embed", "ratio"),
+            "fc2.in_features": ("embed", "ratio"), "fc2.out_features": "embed",
+            "head.in_features": "embed"}
+    sup = tnn.entangle(_TinyLM(), choices, dims)
+    idx = torch.randint(0, 11, (1, 5))
+    cm = CostModel(sup, choices, example=idx)
+    L.add_latency(cm, sup, idx, cache=False)
+    assert not cm._latency_units  # no depth: every layer timed alone
+    for combo in itertools.product(*choices.values()):
+        sel = dict(zip(choices, combo))
+        # the table: each layer's fake time at its own width, with the input it saw
+        want = 0.0
+        plain = tnn.extract(sup, sel)
+        shapes = {"wte": idx, "ln": torch.zeros(1, 5, sel["embed"]),
+                  "fc1": torch.zeros(1, 5, sel["embed"]),
+                  "fc2": torch.zeros(1, 5, sel["embed"] * sel["ratio"]),
+                  "head": torch.zeros(1, 5, sel["embed"])}
+        for name, x in shapes.items():
+            want += fake_ms(getattr(plain, name), x, None, None)
+        assert cm.latency(sel) - cm.latency_info["rest_ms"] == pytest.approx(want)
+
+
+def test_a_layer_whose_input_cannot_be_built_is_refused():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(CostError, match="cannot tell the input width"):
+        L._input_for(torch.nn.ReLU(), (1, 4), torch.float32, torch.device("cpu"), g, "act")
+    with pytest.raises(CostError, match="integer inputs but is not an embedding"):
+        L._input_for(torch.nn.Linear(2, 2), (1, 4), torch.int64, torch.device("cpu"), g, "fc")
