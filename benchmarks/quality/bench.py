@@ -96,6 +96,8 @@ class Bench:
         # keeps the old behaviour does not invalidate recorded runs
         dflt = SearchConfig().to_dict()
         self.config_diff = {k: v for k, v in hd.items() if k not in dflt or dflt[k] != v}
+        if hd.get("select") == "race":  # explicit: its default changed (RACE_PICK_BEFORE)
+            self.config_diff["race_pick"] = hd["race_pick"]
         self.config_hashes = {
             self.config_hash,
             hashlib.sha1(json.dumps(self.config_diff, sort_keys=True, default=str).encode()
@@ -356,11 +358,19 @@ class Bench:
 REPORT_ONLY = ("race_noise",)
 
 
+#: how a race picked its contenders before ``race_pick`` existed (records without it)
+RACE_PICK_BEFORE = "draw"
+
+
 def search_settings(cfg: dict) -> dict:
     """The settings that make a benchmark search what it is: without the report-only
     ones and ``retrain_steps`` (the benchmark retrains nothing in a search: its own
-    budget is in the cache key; a race's steps are made explicit before this)."""
-    return {k: v for k, v in cfg.items() if k not in REPORT_ONLY and k != "retrain_steps"}
+    budget is in the cache key; a race's steps are made explicit before this). A race
+    recorded before ``race_pick`` existed drew its contenders (``RACE_PICK_BEFORE``)."""
+    out = {k: v for k, v in cfg.items() if k not in REPORT_ONLY and k != "retrain_steps"}
+    if out.get("select") == "race" and "race_pick" not in out:
+        out["race_pick"] = RACE_PICK_BEFORE
+    return out
 
 
 def _race_time(rec: dict) -> float:

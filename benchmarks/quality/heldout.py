@@ -35,7 +35,8 @@ from collections.abc import Sequence
 
 from tangle_kernels.search.runlog import read_jsonl
 
-from .bench import REPORT_ONLY, ROOT, _key, percentile, random_search_from_reference
+from .bench import (REPORT_ONLY, ROOT, _key, percentile, random_search_from_reference,
+                    search_settings)
 from .corpora import CORPORA, DEFAULT
 from ..sections import git_commit as _commit
 
@@ -96,7 +97,7 @@ def load(names: Sequence[str]) -> dict:
             for r in read_jsonl(os.path.join(w, "runs.jsonl")):
                 if "config" not in r:
                     continue  # recorded before runs kept their settings
-                r["setting"] = setting_label(r["config"], base, dflt)
+                r["setting"] = setting_label(search_settings(r["config"]), base, dflt)
                 last[(r["method"], r["setting"], r["seed"])] = r
         rows = list(last.values())
         for r in rows:

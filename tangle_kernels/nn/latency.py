@@ -22,7 +22,10 @@ constant ``rest_ms`` added to every architecture. ``info["check"]`` keeps both
 remainders, so the table's error at the two ends is on record.
 
 Each timing: a few warm-up calls, then rounds of enough calls to last ``min_time``
-seconds, the median round (CUDA synchronised around each round). Under
+seconds, the fastest round (CUDA synchronised around each round). All the timings of
+one table are interleaved (:func:`time_many`: round r of every module, then round r + 1),
+so the machine's slow moments fall on all of them alike and the table's entries are
+comparable with each other, which is what a sum of them needs. Under
 ``torch.no_grad`` in eval mode, at the batch of ``example`` (a product's latency is
 usually batch 1: pass a batch of one). The table is cached as JSON under
 ``$TANGLE_CACHE/latency`` (default ``~/.cache/tangle_kernels/latency``), keyed by the
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -45,7 +49,7 @@ from torch import nn
 
 from .cost import CostError, CostModel
 
-__all__ = ["add_latency", "attach", "table_of", "time_ms", "latency_cache_dir"]
+__all__ = ["add_latency", "attach", "table_of", "time_many", "time_ms", "latency_cache_dir"]
 
 VERSION = 1
 
@@ -61,36 +65,60 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device | str = "cpu", *, min_time: float = 0.005,
-            rounds: int = 5, warmup: int = 3) -> float:
-    """Median milliseconds per call of ``fn()`` (see the module docstring)."""
-    device = torch.device(device)
+def _calls_for(fn, device: torch.device, min_time: float, warmup: int) -> int:
+    """Warm ``fn`` up; the number of calls that lasts at least ``min_time`` seconds."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    n, t = 1, 0.0
-    while True:  # calls per round: enough to last min_time
+    n = 1
+    while True:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         _sync(device)
         t = time.perf_counter() - t0
         if t >= min_time or n >= 1 << 16:
-            break
+            return n
         n = max(n * 2, int(n * min_time / max(t, 1e-9)) + 1)
-    per = [t / n]
-    for _ in range(rounds - 1):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        _sync(device)
-        per.append((time.perf_counter() - t0) / n)
-    return 1e3 * statistics.median(per)
+
+
+def time_many(fns, device: torch.device | str = "cpu", *, min_time: float = 0.005,
+              rounds: int = 7, warmup: int = 3) -> list[float]:
+    """Milliseconds per call of each of ``fns`` (see the module docstring): calls per
+    round calibrated per function, then ``rounds`` passes that time every function once
+    in turn (a slow moment of the machine falls on all of them alike, not on the few
+    that happened to run then), the fastest round of each. The fastest, not the median:
+    on a shared CPU the noise (preemption, another tenant, a frequency dip) only ever
+    adds time."""
+    device = torch.device(device)
+    calls = [_calls_for(fn, device, min_time, warmup) for fn in fns]
+    best = [math.inf] * len(fns)
+    for _ in range(max(1, rounds)):
+        for i, fn in enumerate(fns):
+            n = calls[i]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            best[i] = min(best[i], (time.perf_counter() - t0) / n)
+    return [1e3 * b for b in best]
+
+
+def time_ms(fn, device: torch.device | str = "cpu", *, min_time: float = 0.005,
+            rounds: int = 7, warmup: int = 3) -> float:
+    """Milliseconds per call of ``fn()``: :func:`time_many` of one function."""
+    return time_many([fn], device, min_time=min_time, rounds=rounds, warmup=warmup)[0]
 
 
 def _time_module(m: nn.Module, x: Any, device: torch.device, min_time: float) -> float:
-    """Milliseconds of ``m(x)`` (every timing of the table goes through here)."""
-    return time_ms(lambda: m(x), device, min_time=min_time)
+    """Milliseconds of ``m(x)`` alone."""
+    return _time_modules([(m, x)], device, min_time)[0]
+
+
+def _time_modules(pairs, device: torch.device, min_time: float) -> list[float]:
+    """Milliseconds of each ``m(x)`` of ``pairs``, interleaved (every timing of the table
+    goes through here)."""
+    return time_many([lambda m=m, x=x: m(x) for m, x in pairs], device, min_time=min_time)
 
 
 def _layout(m: nn.Module) -> tuple[int, int] | None:
@@ -229,6 +257,15 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
     in_block = {id(v) for _, inner in blocks for v in inner}
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
+    # first every timing the table needs is listed (its entries hold job numbers + 1),
+    # then all are timed together, interleaved (time_many), then the numbers replaced
+    jobs: list = []
+
+    def job(m, x) -> float:
+        jobs.append((m, x))
+        return float(len(jobs))
+
+    tabled = []
     with torch.no_grad():
         for u, _ in blocks:
             rec = cm._inputs.get(id(u.module))
@@ -239,10 +276,10 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
 
             def timed(sel, u=u, shape=shape, dtype=dtype):
                 m = extract(u.module, sel).to(device).eval()
-                x = _input_for(m, shape, dtype, device, g, u.path)
-                return _time_module(m, x, device, min_time)
+                return job(m, _input_for(m, shape, dtype, device, g, u.path))
 
             u.latency = _block_table(cm, u, timed)
+            tabled.append(u)
         for u in cm._units:
             if id(u) in in_block:  # timed with its block
                 u.latency = torch.zeros_like(u.params)
@@ -258,20 +295,25 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
 
             def count(m, u=u, shape=shape, dtype=dtype):
                 m = m.to(device).eval()
-                x = _input_for(m, shape, dtype, device, g, u.path)
-                return _time_module(m, x, device, min_time)
+                return job(m, _input_for(m, shape, dtype, device, g, u.path))
 
             u.latency = cm._table(u, count)
-        whole = {}
+            tabled.append(u)
+        ends = {}
         for end, pick in (("max", max), ("min", min)):
             sel = {n: (pick(v) if all(isinstance(x, (int, float)) for x in v) else v[0])
                    for n, v in cm.choices.items()}
-            plain = extract(supernet, sel).to(device).eval()
-            ms = _time_module(plain, example, device, min_time)
-            cm.latency_info = {"rest_ms": 0.0}
-            table = cm.cost(sel, "latency")
+            ends[end] = (sel, int(job(extract(supernet, sel).to(device).eval(), example)))
+        times = torch.tensor([0.0] + _time_modules(jobs, device, min_time), dtype=torch.float64)
+        for u in tabled:
+            u.latency = times[u.latency.round().long()]
+        whole = {}
+        cm.latency_info = {"rest_ms": 0.0}
+        for end, (sel, j) in ends.items():
+            ms, table = float(times[j]), cm.cost(sel, "latency")
             whole[end] = {"arch": {n: str(v) for n, v in sel.items()}, "measured_ms": ms,
                           "table_ms": table, "rest_ms": ms - table}
+        del jobs
     rest = max(0.0, statistics.fmean(w["rest_ms"] for w in whole.values()))
     info = {
         "rest_ms": rest,

@@ -28,6 +28,7 @@ __all__ = ["SearchConfig", "SearchError", "PRECISIONS", "build_config", "parse_c
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 SELECTS = ("argmax", "race")
+RACE_PICKS = ("top", "draw")
 
 
 class SearchError(ValueError):
@@ -75,11 +76,13 @@ class _Core:
     #: dual-ascent rate of the budget's Lagrange multipliers
     budget_rate: float = 1.0
     #: final selection (``race.py``): ``argmax`` of the final distribution, or ``race``:
-    #: the most probable architecture and ``race_archs - 1`` more drawn from the
-    #: distribution (tempered by ``race_temperature``), each trained from scratch for
-    #: ``race_steps`` (0: ``retrain_steps``), the best on the validation batches kept
+    #: ``race_archs`` contenders, each trained from scratch for ``race_steps`` (0:
+    #: ``retrain_steps``), the best on the validation batches kept. ``race_pick``: ``top``,
+    #: the most probable architectures of the final distribution; ``draw``, the most
+    #: probable and the others drawn from it (tempered by ``race_temperature``)
     select: str = "argmax"
     race_archs: int = 4
+    race_pick: str = "top"
     race_temperature: float = 1.0
     race_steps: int = 0
     #: the spread of the race's metric between two from-scratch trainings of one
@@ -167,6 +170,9 @@ class _Core:
                               "need race_archs >= 1 and race_steps >= 0")
         if not (self.race_noise >= 0 and math.isfinite(self.race_noise)):
             raise SearchError(f"race_noise={self.race_noise}: must be >= 0 and finite")
+        if self.race_pick not in RACE_PICKS:
+            raise SearchError(f"race_pick={self.race_pick!r}: choose one of "
+                              f"{', '.join(RACE_PICKS)}")
         if not (self.race_temperature > 0 and math.isfinite(self.race_temperature)):
             raise SearchError(f"race_temperature={self.race_temperature}: must be > 0 and finite")
         if self.select == "race":
@@ -240,6 +246,7 @@ _RESUME_FREE = (
     "precision",
     "select",
     "race_archs",
+    "race_pick",
     "race_temperature",
     "race_steps",
     "race_noise",

@@ -9,10 +9,15 @@ issue 28). A candidate trained alone for the retrain budget is what the user wil
 a few of them cost a few retrainings.
 
 The contenders: the selection of the sampler (the argmax, or under a budget the most
-probable architecture that fits) first, then ``race_archs - 1`` distinct architectures
-drawn from the final per-choice probabilities raised to ``1 / race_temperature`` and
-renormalised (1: the distribution as trained; larger: closer to uniform, more
-exploration), each within the budget when there is one. Each contender is trained with
+probable architecture that fits) first, then ``race_archs - 1`` distinct others, each
+within the budget when there is one. ``race_pick="top"`` (the default): the next most
+probable architectures under the final distribution (the product of its per-choice
+probabilities), found best-first without listing the space, so in a fixed order;
+``race_pick="draw"``: drawn from the per-choice probabilities raised to
+``1 / race_temperature`` and renormalised (1: the distribution as trained; larger: closer
+to uniform, more exploration). ``top`` was chosen on the tuning corpora by replaying both
+rules on the recorded searches (``benchmarks/quality/simulate.py``;
+docs/search-quality.md). Each contender is trained with
 :func:`~.report.train_from_scratch` for ``race_steps`` steps (0: ``retrain_steps``)
 from a seed of its own (``derive_seed(seed, i, "race")``: never the retraining's), and
 scored on the run's fixed validation batches; ties keep the earlier contender. Every
@@ -28,6 +33,7 @@ when the noise is unknown (0).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +42,7 @@ import torch
 
 from .common import derive_seed, generator
 
-__all__ = ["contenders", "race", "race_verdict"]
+__all__ = ["contenders", "most_probable", "race", "race_verdict"]
 
 
 def _tempered(probs: Mapping[str, Any], temperature: float) -> dict[str, torch.Tensor]:
@@ -50,15 +56,65 @@ def _tempered(probs: Mapping[str, Any], temperature: float) -> dict[str, torch.T
     return out
 
 
+def most_probable(choices: Mapping[str, list], probs: Mapping[str, Any], *,
+                  max_pops: int = 100_000):
+    """The selections of the space in order of their probability under independent
+    per-choice ``probs`` (most probable first; ties by the choices' order), lazily: a
+    best-first walk over the per-choice rankings (each selection is reached from the one
+    with one choice a rank better), so a space of 10^20 selections costs only what is
+    taken. Stops after ``max_pops`` selections."""
+    names = list(choices)
+    logp, order = {}, {}
+    for n in names:
+        p = torch.as_tensor(probs[n], dtype=torch.float64)
+        if p.numel() != len(choices[n]):
+            raise ValueError(f"probs[{n!r}] has {p.numel()} entries, the choice has "
+                             f"{len(choices[n])}")
+        p = torch.where(torch.isfinite(p), p, torch.zeros_like(p)).clamp_min(0)
+        lp = [math.log(float(x)) if x > 0 else -math.inf for x in p]
+        order[n] = sorted(range(len(lp)), key=lambda i: (-lp[i], i))
+        logp[n] = [lp[i] for i in order[n]]
+
+    def score(ranks):
+        return sum(logp[n][r] for n, r in zip(names, ranks))
+
+    start = (0,) * len(names)
+    heap, seen = [(-score(start), start)], {start}
+    pops = 0
+    while heap and pops < max_pops:
+        _, ranks = heapq.heappop(heap)
+        pops += 1
+        yield {n: choices[n][order[n][r]] for n, r in zip(names, ranks)}
+        for j in range(len(names)):
+            if ranks[j] + 1 < len(order[names[j]]):
+                nxt = ranks[:j] + (ranks[j] + 1,) + ranks[j + 1:]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    heapq.heappush(heap, (-score(nxt), nxt))
+
+
 def contenders(first: Mapping[str, Any], choices: Mapping[str, list], probs: Mapping[str, Any],
-               n: int, *, temperature: float = 1.0, seed: int = 0, fits=None,
-               max_draws: int = 10_000) -> list[dict]:
-    """``first`` and up to ``n - 1`` distinct other selections drawn from the tempered
-    ``probs`` (see the module docstring); fewer when the space (or the budget) holds
-    fewer, or ``max_draws`` draws found no new one."""
+               n: int, *, pick: str = "top", temperature: float = 1.0, seed: int = 0,
+               fits=None, max_draws: int = 10_000) -> list[dict]:
+    """``first`` and up to ``n - 1`` distinct other selections: the next most probable
+    under ``probs`` (``pick="top"``) or drawn from the tempered ``probs`` (``"draw"``; see
+    the module docstring); fewer when the space (or the budget) holds fewer, or
+    ``max_draws`` candidates gave no new one."""
     out = [dict(first)]
     seen = {tuple(sorted(first.items()))}
     total = math.prod(len(v) for v in choices.values())
+    if pick == "top":
+        for sel in most_probable(choices, probs, max_pops=max_draws):
+            if len(out) >= min(n, total):
+                break
+            key = tuple(sorted(sel.items()))
+            if key in seen or (fits is not None and not fits(sel)):
+                continue
+            seen.add(key)
+            out.append(sel)
+        return out
+    if pick != "draw":
+        raise ValueError(f"pick={pick!r}: 'top' or 'draw'")
     p = _tempered(probs, temperature)
     g = generator(derive_seed(seed, 0, "race-draw"))
     draws = 0
@@ -95,7 +151,7 @@ def race(search, first: Mapping[str, Any]) -> tuple[dict, dict]:
     steps = cfg.race_steps or cfg.retrain_steps
     probs = {k: v.tolist() for k, v in search.sampler.probs().items()}
     fits = search.fits if getattr(search, "budget", None) else None
-    cands = contenders(first, space.choices, probs, cfg.race_archs,
+    cands = contenders(first, space.choices, probs, cfg.race_archs, pick=cfg.race_pick,
                        temperature=cfg.race_temperature, seed=cfg.seed, fits=fits)
     metric, minimize = space.metric, space.minimize
     search.log(f"race: {len(cands)} contenders, {steps} steps each from scratch")
@@ -126,6 +182,7 @@ def race(search, first: Mapping[str, Any]) -> tuple[dict, dict]:
     verdict, tied = race_verdict([e[metric] for e in entries], i, noise)
     rec = {
         "steps": steps,
+        "pick": cfg.race_pick,
         "temperature": cfg.race_temperature,
         "contenders": entries,
         "winner": i,

@@ -213,14 +213,16 @@ class NanoGPTSpace(SearchSpace):
     metric = "loss"
     minimize = True
     search_defaults = {
-        # 250 supernet steps, then a race (search/race.py): the argmax and 3 more drawn
-        # from the final distribution, each trained from scratch for the retraining's 400
-        # steps (the winner's training is the retraining), the best on the validation
-        # batches kept. Chosen on the tuning corpora only (benchmarks/quality/corpora.py;
-        # docs/search-quality.md): mean percentile 10.3% (9/9 seeds in the top 25%)
-        # against 16.3% (7/9) for 400 steps and the argmax, and 14.0% for 150 steps and a
-        # 6-arch race. --retrain-steps N races at N steps; --retrain-steps 0 (no training
-        # from scratch) derives the argmax
+        # 250 supernet steps, then a race (search/race.py): the 4 most probable
+        # architectures of the final distribution (race_pick "top", SearchConfig's
+        # default), each trained from scratch for the retraining's 400 steps (the
+        # winner's training is the retraining), the best on the validation batches kept.
+        # Chosen on the tuning corpora only (benchmarks/quality/corpora.py;
+        # docs/search-quality.md): with contenders drawn, mean percentile 10.3% (9/9
+        # seeds in the top 25%) against 16.3% (7/9) for 400 steps and the argmax, 14.0%
+        # for 150 steps and a 6-arch race; the most probable instead of drawn: 8.1%
+        # against 11.5% replayed on the same searches (benchmarks/quality/simulate.py).
+        # --retrain-steps N races at N steps; --retrain-steps 0 derives the argmax
         "steps": 250,
         "select": "race",
         "race_archs": 4,

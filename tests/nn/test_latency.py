@@ -37,9 +37,13 @@ def _built(name="nanogpt", preset="tiny"):
     return sp, data, model, x
 
 
+def fake_many(pairs, device, min_time):
+    return [fake_ms(m, x, device, min_time) for m, x in pairs]
+
+
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(L, "_time_module", fake_ms)
+    monkeypatch.setattr(L, "_time_modules", fake_many)
     CALLS["n"] = 0
     return CALLS
 
@@ -233,3 +237,28 @@ def test_a_layer_whose_input_cannot_be_built_is_refused():
         L._input_for(torch.nn.ReLU(), (1, 4), torch.float32, torch.device("cpu"), g, "act")
     with pytest.raises(CostError, match="integer inputs but is not an embedding"):
         L._input_for(torch.nn.Linear(2, 2), (1, 4), torch.int64, torch.device("cpu"), g, "fc")
+
+
+def test_time_many_interleaves_rounds_and_keeps_the_fastest():
+    import time as _time
+
+    order = []
+
+    def slow_then_fast(tag, waits):
+        it = iter(waits)
+
+        def fn():
+            order.append(tag)
+            _time.sleep(next(it, waits[-1]))
+        return fn
+
+    # a: 2 ms except one 30 ms hiccup in its rounds; b: always 1 ms
+    a = slow_then_fast("a", [0.002] * 6 + [0.03] + [0.002] * 100)
+    b = slow_then_fast("b", [0.001])
+    ms = L.time_many([a, b], min_time=0.0, rounds=4, warmup=1)
+    # the fastest round: the hiccup is not in a's time
+    assert 2.0 <= ms[0] < 12.0 and 1.0 <= ms[1] < 10.0
+    # after warm-up and calibration (one call each at min_time 0), rounds alternate a, b
+    timed = order[-8:]
+    assert timed == ["a", "b"] * 4
+    assert L.time_ms(b, min_time=0.0, rounds=2, warmup=0) >= 1.0

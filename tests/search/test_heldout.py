@@ -134,3 +134,49 @@ def test_best_of_k_random_is_the_exact_expectation():
     assert got["p_top"] == pytest.approx(sum(p < 25 for p in pcts) / len(pcts))
     assert random_k(losses, 1)["mean"] == pytest.approx(statistics.fmean(
         percentile(x, losses) for x in losses))
+
+
+def test_a_race_recorded_before_race_pick_is_not_taken_for_todays_default():
+    from benchmarks.quality.bench import RACE_PICK_BEFORE, search_settings
+
+    old = {"steps": 250, "select": "race", "race_steps": 400}
+    assert search_settings(old)["race_pick"] == RACE_PICK_BEFORE == "draw"
+    new = dict(old, race_pick="top")
+    assert search_settings(new) != search_settings(old)
+    # an argmax run has no race to pick for
+    assert "race_pick" not in search_settings({"steps": 400})
+    base = {"steps": 250, "select": "race", "race_steps": 400}
+    dflt = {"race_pick": "top", "select": "argmax"}
+    assert setting_label(search_settings(old), base, dflt) == "race_pick=draw"
+    assert setting_label(search_settings(new), base, dflt) == "default"
+
+
+def _sim_record():
+    choices = {"a": [1, 2, 3], "b": [10, 20]}
+    # the most probable arch (a=1, b=10) is the worst; the 2nd most probable the best
+    probs = {"a": [0.6, 0.3, 0.1], "b": [0.55, 0.45]}
+    ref = {}
+    losses = {(1, 10): 3.0, (1, 20): 1.0, (2, 10): 2.0, (2, 20): 2.5, (3, 10): 1.5,
+              (3, 20): 2.2}
+    from benchmarks.quality.bench import _key
+
+    for (a, b), v in losses.items():
+        ref[_key({"a": a, "b": b})] = v
+    return choices, probs, ref
+
+
+def test_the_race_replay_scores_what_a_race_would_pick():
+    from benchmarks.quality.simulate import replay
+
+    choices, probs, ref = _sim_record()
+    # noise-free: the argmax alone is the worst (5 of 6 better: 83.3%)
+    assert replay(("argmax",), choices, probs, ref, 0.0, 5, 0) == [pytest.approx(500 / 6)] * 5
+    # the two most probable: the second is the best of the space
+    assert replay(("top", 2), choices, probs, ref, 0.0, 5, 0) == [0.0] * 5
+    # all six raced without noise always find the best; with huge noise they pick at random
+    assert set(replay(("uniform", 6), choices, probs, ref, 0.0, 20, 0)) == {0.0}
+    noisy = replay(("uniform", 6), choices, probs, ref, 100.0, 400, 0)
+    assert 30 < sum(noisy) / len(noisy) < 53  # the mean percentile of a random pick: 41.7
+    # draws start with the argmax and are reproducible from the replay's seed
+    assert replay(("draw", 3, 1.0), choices, probs, ref, 0.02, 50, 7) == \
+        replay(("draw", 3, 1.0), choices, probs, ref, 0.02, 50, 7)
