@@ -16,10 +16,12 @@ block that grows with the depth. So every block of a (top-level)
 :class:`~tangle_kernels.nn.DepthMixer` is timed whole, extracted for every assignment
 of the choices its layers use, and priced when the depth reaches it; its layers are not
 timed alone. What remains outside the blocks (the embedding lookups, the top-level
-forward) is measured once: the extracted plain models of the largest and the smallest
-architecture are timed whole, and the mean of their remainders (whole minus table) is a
-constant ``rest_ms`` added to every architecture. ``info["check"]`` keeps both
-remainders, so the table's error at the two ends is on record.
+forward, and what between the layers grows with the model: activations, residual
+additions) is measured once: the extracted plain models of the largest and the smallest
+architecture are timed whole, interleaved with the table's own timings, and the table
+is mapped onto them, ``scale * sum + rest_ms`` equal to both (``info["scale"]``,
+``info["rest_ms"]``; the tables are stored scaled, so every cost is a plain sum plus
+``rest_ms``). ``info["check"]`` keeps both ends (measured, unscaled table, remainder).
 
 Each timing: a few warm-up calls, then rounds of enough calls to last ``min_time``
 seconds, the fastest round (CUDA synchronised around each round). All the timings of
@@ -51,7 +53,7 @@ from .cost import CostError, CostModel
 
 __all__ = ["add_latency", "attach", "table_of", "time_many", "time_ms", "latency_cache_dir"]
 
-VERSION = 1
+VERSION = 2
 
 
 def latency_cache_dir() -> str:
@@ -314,9 +316,12 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
             whole[end] = {"arch": {n: str(v) for n, v in sel.items()}, "measured_ms": ms,
                           "table_ms": table, "rest_ms": ms - table}
         del jobs
-    rest = max(0.0, statistics.fmean(w["rest_ms"] for w in whole.values()))
+    scale, rest = _fit_ends(whole)
+    for u in tabled:
+        u.latency = u.latency * scale
     info = {
         "rest_ms": rest,
+        "scale": scale,
         "check": whole,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -328,7 +333,8 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
     attach(cm, table_of(cm, info))
     if log is not None:
         log(f"latency table: {sum(int(u.latency.count_nonzero()) for u in cm._units)} "
-            f"timings in {info['measure_s']:.1f} s on {device} (rest {rest:.3f} ms)")
+            f"timings in {info['measure_s']:.1f} s on {device} (scale {scale:.2f}, rest "
+            f"{rest:.3f} ms)")
     if path:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -336,6 +342,21 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
             json.dump(table_of(cm, info), f)
         os.replace(tmp, path)
     return info
+
+
+def _fit_ends(whole: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
+    """``(scale, rest_ms)`` with ``scale * table + rest`` equal to the measured whole model
+    at both ends (the largest and the smallest architecture): what lies between the
+    layers grows with the model (activations, residual additions) as well as costing a
+    constant (the top-level forward). A scale outside [0.25, 4] (the ends too close to
+    tell, or a timing gone wrong) falls back to 1 and the mean remainder."""
+    hi, lo = whole["max"], whole["min"]
+    dt = hi["table_ms"] - lo["table_ms"]
+    if dt > 1e-9 * max(abs(hi["table_ms"]), 1e-12):
+        scale = (hi["measured_ms"] - lo["measured_ms"]) / dt
+        if math.isfinite(scale) and 0.25 <= scale <= 4.0:
+            return scale, hi["measured_ms"] - scale * hi["table_ms"]
+    return 1.0, max(0.0, statistics.fmean(w["rest_ms"] for w in whole.values()))
 
 
 def _block_table(cm: CostModel, u, timed) -> torch.Tensor:

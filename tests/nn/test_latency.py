@@ -53,7 +53,7 @@ def test_table_sums_per_architecture_and_in_expectation(fake, name, tmp_path):
     sp, _, model, x = _built(name)
     cm = CostModel(model, sp.choices, example=x)
     info = L.add_latency(cm, model, x, cache=str(tmp_path))
-    assert cm.has_latency and info["rest_ms"] >= 0
+    assert cm.has_latency and 0.25 <= info["scale"] <= 4
     if name == "nanogpt":  # each block of the depth timed whole, its layers not alone
         blocks = [u for u in cm._latency_units if u.path.endswith("#block")]
         assert len(blocks) == max(sp.choices["layers"]) >= 2
@@ -64,9 +64,13 @@ def test_table_sums_per_architecture_and_in_expectation(fake, name, tmp_path):
         i = sp.choices["layers"].index(1)
         assert float(blocks[1].latency.select(blocks[1].names.index("layers"), i).max()) == 0
     # the remainder is measured at both ends: whole model minus the table
+    # the table is mapped onto the whole model measured at both ends
     for end in ("max", "min"):
         c = info["check"][end]
         assert c["rest_ms"] == pytest.approx(c["measured_ms"] - c["table_ms"])
+        sel = {n: (max if end == "max" else min)(v) for n, v in sp.choices.items()}
+        if info["scale"] != 1.0 or name == "nanogpt":
+            assert cm.latency(sel) == pytest.approx(c["measured_ms"], rel=1e-9)
     names = list(sp.choices)
     g = torch.Generator().manual_seed(1)
     probs = {n: torch.softmax(torch.randn(len(v), generator=g, dtype=torch.float64), 0)
@@ -160,7 +164,8 @@ def test_search_under_a_latency_budget_and_resume(fake, tmp_path, monkeypatch):
     assert doc["budget"] == {"max_latency_ms": limit}
     assert doc["costs"]["latency"] <= limit
     assert doc["costs"]["latency"] == pytest.approx(cm.latency(res["arch"]))
-    assert doc["latency_table"]["rest_ms"] >= 0 and "check" in doc["latency_table"]
+    assert math.isfinite(doc["latency_table"]["rest_ms"]) and "check" in doc["latency_table"]
+    assert doc["latency_table"]["scale"] > 0
     recs = [json.loads(r) for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all("lambda_latency" in r for r in recs if r.get("kind") == "train")
     # interrupted and resumed: the checkpoint's table prices the rest of the run
@@ -228,7 +233,8 @@ def test_a_model_made_by_entangle_gets_a_table(fake):
                   "head": torch.zeros(1, 5, sel["embed"])}
         for name, x in shapes.items():
             want += fake_ms(getattr(plain, name), x, None, None)
-        assert cm.latency(sel) - cm.latency_info["rest_ms"] == pytest.approx(want)
+        assert cm.latency(sel) - cm.latency_info["rest_ms"] == pytest.approx(
+            cm.latency_info["scale"] * want)
 
 
 def test_a_layer_whose_input_cannot_be_built_is_refused():
@@ -237,6 +243,20 @@ def test_a_layer_whose_input_cannot_be_built_is_refused():
         L._input_for(torch.nn.ReLU(), (1, 4), torch.float32, torch.device("cpu"), g, "act")
     with pytest.raises(CostError, match="integer inputs but is not an embedding"):
         L._input_for(torch.nn.Linear(2, 2), (1, 4), torch.int64, torch.device("cpu"), g, "fc")
+
+
+def test_the_ends_fit_is_exact_and_falls_back_when_it_cannot_tell():
+    whole = {"max": {"measured_ms": 10.0, "table_ms": 8.0, "rest_ms": 2.0},
+             "min": {"measured_ms": 3.0, "table_ms": 2.0, "rest_ms": 1.0}}
+    scale, rest = L._fit_ends(whole)
+    assert scale * 8.0 + rest == pytest.approx(10.0) and scale * 2.0 + rest == pytest.approx(3.0)
+    # ends too close to tell (one table value) or an absurd slope: the mean remainder
+    same = {"max": {"measured_ms": 3.0, "table_ms": 2.0, "rest_ms": 1.0},
+            "min": {"measured_ms": 2.5, "table_ms": 2.0, "rest_ms": 0.5}}
+    assert L._fit_ends(same) == (1.0, pytest.approx(0.75))
+    wild = {"max": {"measured_ms": 100.0, "table_ms": 2.1, "rest_ms": 97.9},
+            "min": {"measured_ms": 1.0, "table_ms": 2.0, "rest_ms": -1.0}}
+    assert L._fit_ends(wild)[0] == 1.0
 
 
 def test_time_many_interleaves_rounds_and_keeps_the_fastest():

@@ -9,6 +9,7 @@ and a digest of every batch it drew."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_two_rank_search_under_a_budget_with_a_race_agrees(tmp_path):
     assert arch["costs"]["params"] <= limit and arch["budget_margin"]["params"] >= 0
     assert "budget_multipliers" in arch
     assert arch["budget"]["max_latency_ms"] == 1e6 and 0 < arch["costs"]["latency"] < 1e6
-    assert arch["latency_table"]["rest_ms"] >= 0
+    assert math.isfinite(arch["latency_table"]["rest_ms"])
     race = arch["race"]
     assert race["contenders"][race["winner"]]["arch"] == arch["arch"]
     assert all(e["params"] <= limit for e in race["contenders"])
