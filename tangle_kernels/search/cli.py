@@ -399,7 +399,7 @@ def _say_race(race: dict | None) -> None:
     metric = next(k for k in entries[0] if k not in ("arch", "arch_str", "params", "time_s"))
     won = "the most probable architecture" if race["argmax_won"] else \
         f"contender {race['winner'] + 1} (not the most probable)"
-    how = {"top": "the most probable", "draw": "drawn"}.get(race.get("pick"), "")
+    how = {"top": "most probable", "draw": "drawn"}.get(race.get("pick"), "")
     _say(f"  race ({len(entries)} {how + ' ' if how else ''}contenders from scratch, "
          f"{race['steps']} steps each): {won} won by {race['margin']:.4f} {metric}")
     tied = set(race.get("tied") or ())

@@ -70,7 +70,7 @@ def test_cli_search_train_and_outputs(tmp_path, capsys):
     )
     assert "trained from scratch, 2 steps" in stdout
     # the nanoGPT space's default final selection: a race at the retraining's budget
-    assert "race (4 contenders from scratch, 2 steps each)" in stdout
+    assert "race (4 most probable contenders from scratch, 2 steps each)" in stdout
     assert "'confident' is their margin, not evidence" in stdout
     arch = json.loads((out / "arch.json").read_text())
     assert arch["optimizer"] == "gdas" and arch["seed"] == 3 and arch["steps"] == 4
