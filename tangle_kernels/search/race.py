@@ -100,33 +100,32 @@ def contenders(first: Mapping[str, Any], choices: Mapping[str, list], probs: Map
     under ``probs`` (``pick="top"``) or drawn from the tempered ``probs`` (``"draw"``; see
     the module docstring); fewer when the space (or the budget) holds fewer, or
     ``max_draws`` candidates gave no new one."""
+    if pick == "top":
+        candidates = most_probable(choices, probs, max_pops=max_draws)
+    elif pick == "draw":
+        candidates = _draws(choices, probs, temperature, seed, max_draws)
+    else:
+        raise ValueError(f"pick={pick!r}: 'top' or 'draw'")
     out = [dict(first)]
     seen = {tuple(sorted(first.items()))}
-    total = math.prod(len(v) for v in choices.values())
-    if pick == "top":
-        for sel in most_probable(choices, probs, max_pops=max_draws):
-            if len(out) >= min(n, total):
-                break
-            key = tuple(sorted(sel.items()))
-            if key in seen or (fits is not None and not fits(sel)):
-                continue
-            seen.add(key)
-            out.append(sel)
-        return out
-    if pick != "draw":
-        raise ValueError(f"pick={pick!r}: 'top' or 'draw'")
-    p = _tempered(probs, temperature)
-    g = generator(derive_seed(seed, 0, "race-draw"))
-    draws = 0
-    while len(out) < min(n, total) and draws < max_draws:
-        draws += 1
-        sel = {c: choices[c][int(torch.multinomial(p[c], 1, generator=g))] for c in choices}
+    want = min(n, math.prod(len(v) for v in choices.values()))
+    for sel in candidates:
+        if len(out) >= want:
+            break
         key = tuple(sorted(sel.items()))
         if key in seen or (fits is not None and not fits(sel)):
             continue
         seen.add(key)
         out.append(sel)
     return out
+
+
+def _draws(choices, probs, temperature: float, seed: int, n: int):
+    """``n`` selections drawn from the tempered ``probs`` (reproducible from ``seed``)."""
+    p = _tempered(probs, temperature)
+    g = generator(derive_seed(seed, 0, "race-draw"))
+    for _ in range(n):
+        yield {c: choices[c][int(torch.multinomial(p[c], 1, generator=g))] for c in choices}
 
 
 def race_verdict(values: list[float], winner: int, noise: float) -> tuple[str | None, list[int]]:
