@@ -329,7 +329,8 @@ class Bench:
     def _record(self, m: str, seed: int, steps: int, res: dict, ref: dict) -> dict:
         arch = res["arch"]
         k = _key(arch)
-        losses = [r["val_loss"] for r in ref.values()]
+        # under a budget: the percentile among the reference architectures within it
+        losses = [r["val_loss"] for r in in_budget(ref, self.base_cfg).values()]
         scratch = ref[k]["val_loss"] if k in ref else None
         rec = {
             "method": m,
@@ -382,6 +383,41 @@ def _race_time(rec: dict) -> float:
 def _step_times(metrics_path: str) -> list[float]:
     ts = [r["time"] for r in read_jsonl(metrics_path) if r.get("kind") == "train" and "time" in r]
     return [b - a for a, b in zip(ts, ts[1:])]
+
+
+#: the budgets of the budgeted question (issue 26): these percentiles of the reference's
+#: parameter counts
+BUDGET_QUANTILES = (25, 50, 75)
+
+
+def budget_at(ref: dict[str, dict], q: float) -> int:
+    """``max_params`` at the ``q``-th percentile (linear interpolation) of the parameter
+    counts of the reference architectures."""
+    import numpy as np
+
+    if not 0 < q <= 100:
+        raise ValueError(f"budget quantile {q}: must be in (0, 100]")
+    if not ref:
+        raise ValueError("a budget quantile needs the reference (run its stage first)")
+    return int(round(float(np.percentile([r["params"] for r in ref.values()], q))))
+
+
+def in_budget(ref: dict, config: dict) -> dict:
+    """The reference architectures a run's budget admits (``max_params``; all without
+    one): a budgeted run's percentile is among them (issue 26's budgeted question)."""
+    lim = (config or {}).get("max_params")
+    if not lim:
+        return ref
+    return {k: r for k, r in ref.items() if r["params"] <= lim}
+
+
+def budget_label(ref: dict[str, dict], max_params) -> str | None:
+    """``p25`` when ``max_params`` is the reference's 25th-percentile budget (one of
+    ``BUDGET_QUANTILES``), else None."""
+    for q in BUDGET_QUANTILES:
+        if ref and max_params is not None and int(max_params) == budget_at(ref, q):
+            return f"p{q}"
+    return None
 
 
 def random_search_from_reference(ref: dict[str, dict], budget_s: float, seed: int) -> dict:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from tangle_kernels.search.runlog import read_jsonl
 
-from .bench import ALL_METHODS, ROOT, Bench, log, percentile, random_search_from_reference, _key
+from .bench import (ALL_METHODS, ROOT, Bench, budget_at, in_budget, log, percentile,
+                    random_search_from_reference, _key)
 from .report import plot_trajectories, summarize, write_docs_section, write_outputs
 
 DESCRIPTION = "Search quality: does a sampler find a good architecture, and how good?"
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-seed", type=int, default=0)
     p.add_argument("--max-reference", type=int, default=60)
     p.add_argument("--reference-sample", type=int, default=40)
+    p.add_argument("--budget-quantile", type=float, default=None, metavar="Q",
+                   help="search under max_params = the Q-th percentile of the reference's "
+                   "parameter counts (the budgeted question; needs the reference)")
     p.add_argument("--stage", choices=("all", "reference", "runs", "report"), default="all")
     p.add_argument("--no-train-reference", action="store_true",
                    help="use the reference records there are, train none")
@@ -87,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not ref:
         raise SystemExit("no reference records: run the reference stage first")
+    if args.budget_quantile is not None:
+        if any(a.split("=", 1)[0].strip() == "max_params" for a in args.set):
+            raise SystemExit("--budget-quantile and --set max_params=...: give one")
+        try:
+            lim = budget_at(ref, args.budget_quantile)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        log(f"budget: max_params={lim} (percentile {args.budget_quantile:g} of the "
+            f"reference's {len(ref)} parameter counts)")
+        args.set = [*args.set, f"max_params={lim}"]
+        bench = Bench(args)  # the same cache folder (the search settings are not its key)
     rows: list[dict] = []
     if args.stage in ("all", "runs"):
         rows = bench.runs(ref)
@@ -96,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         last = {(r["method"], r["seed"]): r for r in rows}
         rows = list(last.values())
     # fill percentiles of runs recorded before the reference held their arch
-    losses = [r["val_loss"] for r in ref.values()]
+    # under a budget: among the reference architectures within it
+    pool = in_budget(ref, bench.base_cfg)
+    losses = [r["val_loss"] for r in pool.values()]
     for r in rows:
         k = _key(r["arch"])
         if k in ref:
@@ -107,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in args.seeds:
             b = [r for r in rows if r["method"] == "drnas" and r["seed"] == seed]
             if b:
-                rows.append(random_search_from_reference(ref, b[0]["search_time_s"], seed))
+                rows.append(random_search_from_reference(pool, b[0]["search_time_s"], seed))
     methods = [m for m in ALL_METHODS if m in args.samplers]
     rows.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     summary = summarize(rows, methods)

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 from tangle_kernels.search.runlog import read_jsonl
 
-from .bench import (REPORT_ONLY, ROOT, _key, percentile, random_search_from_reference,
-                    search_settings)
+from .bench import (REPORT_ONLY, ROOT, _key, budget_label, in_budget, percentile,
+                    random_search_from_reference, search_settings)
 from .corpora import CORPORA, DEFAULT
 from ..sections import git_commit as _commit
 
@@ -88,7 +88,7 @@ def load(names: Sequence[str]) -> dict:
     base, dflt = _defaults()
     out = {}
     for name in names:
-        ref, last = {}, {}
+        ref, last, runs = {}, {}, []
         for w in _work_dirs(name):  # folders of the same protocol (older cache keys) merge
             ident = json.load(open(os.path.join(w, "ident.json"), encoding="utf-8"))
             if ident.get("space", {}).get("name") != "nanogpt" or ident.get("retrain_steps") != 400:
@@ -97,8 +97,14 @@ def load(names: Sequence[str]) -> dict:
             for r in read_jsonl(os.path.join(w, "runs.jsonl")):
                 if "config" not in r:
                     continue  # recorded before runs kept their settings
-                r["setting"] = setting_label(search_settings(r["config"]), base, dflt)
-                last[(r["method"], r["setting"], r["seed"])] = r
+                runs.append(r)
+        for r in runs:  # after every folder's reference is in (a budget's label needs it)
+            cfg = search_settings(r["config"])
+            q = budget_label(ref, cfg.get("max_params"))
+            if q:  # the budgeted question: one label on every corpus
+                cfg = {**cfg, "max_params": q}
+            r["setting"] = setting_label(cfg, base, dflt)
+            last[(r["method"], r["setting"], r["seed"])] = r
         rows = list(last.values())
         for r in rows:
             k = _key(r["arch"])
@@ -117,15 +123,6 @@ def load(names: Sequence[str]) -> dict:
                 rows.append(rs)
         out[name] = {"ref": ref, "rows": rows, "n_ref": len(ref)}
     return out
-
-
-def in_budget(ref: dict, config: dict) -> dict:
-    """The reference architectures a run's budget admits (``max_params``; all without
-    one): a budgeted run's percentile is among them (issue 26's budgeted question)."""
-    lim = (config or {}).get("max_params")
-    if not lim:
-        return ref
-    return {k: r for k, r in ref.items() if r["params"] <= lim}
 
 
 def random_k(losses: Sequence[float], k: int, top: float = 25.0) -> dict:

@@ -121,6 +121,25 @@ def test_a_budgeted_run_is_ranked_among_the_architectures_within_its_budget():
     assert sorted(r["params"] for r in fit.values()) == [0, 10, 20, 30, 40]
 
 
+def test_budget_quantiles_are_percentiles_of_the_references_parameter_counts():
+    from benchmarks.quality.bench import budget_at, budget_label
+
+    ref = {str(i): {"params": 100 + 10 * i} for i in range(11)}  # 100..200
+    assert [budget_at(ref, q) for q in (25, 50, 75, 100)] == [125, 150, 175, 200]
+    assert budget_label(ref, 150) == "p50" and budget_label(ref, 150.0) == "p50"
+    assert budget_label(ref, 151) is None and budget_label(ref, None) is None
+    assert budget_label({}, 150) is None
+    for bad in (0, -5, 101):
+        with pytest.raises(ValueError, match="quantile"):
+            budget_at(ref, bad)
+    with pytest.raises(ValueError, match="reference"):
+        budget_at({}, 50)
+    # a budgeted run's setting is the quantile on every corpus (the counts differ a bit
+    # with the vocabulary), the default's setting stays "default"
+    dflt = {"select": "argmax"}
+    assert setting_label({"max_params": "p25"}, {}, dflt) == "max_params=p25"
+
+
 def test_best_of_k_random_is_the_exact_expectation():
     import itertools
     import statistics

@@ -190,3 +190,36 @@ def test_quick_benchmark_on_a_data_path(tmp_path):
     # a derived arch outside a sampled reference has no from-scratch value, not a wrong one
     for r in doc["runs"]:
         assert (r["percentile"] is None) == (r["scratch_val"] is None)
+
+
+def test_quick_budgeted_question_ranks_within_the_budget(tmp_path):
+    """``--budget-quantile``: the search runs under max_params = that percentile of the
+    reference's parameter counts, derives an architecture within it, and is ranked (as
+    is random search) among the reference architectures within it only."""
+    sq = _load()
+    from benchmarks.quality.bench import budget_at
+
+    base = ["--quick", "--seeds", "0", "--work", str(tmp_path / "w"),
+            "--run-root", str(tmp_path / "r"), "--out", str(tmp_path / "o"),
+            "--no-readme", "--tag", "bq"]
+    assert sq.main(base + ["--stage", "reference"]) == 0
+    ref = {r["key"]: r for r in map(json.loads, open(tmp_path / "w" / "reference.jsonl"))}
+    lim = budget_at(ref, 50)
+    assert min(r["params"] for r in ref.values()) <= lim < max(r["params"] for r in ref.values())
+    assert sq.main(base + ["--samplers", "drnas", "random-search", "--budget-quantile", "50"]) == 0
+    runs = [json.loads(l) for l in open(tmp_path / "w" / "runs.jsonl")]
+    assert len(runs) == 1 and runs[0]["config"]["max_params"] == lim
+    fit = [r for r in ref.values() if r["params"] <= lim]
+    from benchmarks.quality.bench import _key
+
+    got = ref[_key(runs[0]["arch"])]
+    assert got["params"] <= lim
+    assert runs[0]["percentile"] == pytest.approx(
+        100.0 * sum(r["val_loss"] < got["val_loss"] for r in fit) / len(fit), abs=0.01)
+    doc = json.loads(next((tmp_path / "o").glob("*-search-quality-bq.json")).read_text())
+    rs = [r for r in doc["runs"] if r["method"] == "random-search"]
+    assert rs and all(ref[_key(r["arch"])]["params"] <= lim for r in rs)
+    with pytest.raises(SystemExit, match="give one"):
+        sq.main(base + ["--budget-quantile", "50", "--set", "max_params=100"])
+    with pytest.raises(SystemExit, match="quantile"):
+        sq.main(base + ["--budget-quantile", "0"])
