@@ -17,11 +17,12 @@ block that grows with the depth. So every block of a (top-level)
 of the choices its layers use, and priced when the depth reaches it; its layers are not
 timed alone. What remains outside the blocks (the embedding lookups, the top-level
 forward, and what between the layers grows with the model: activations, residual
-additions) is measured once: the extracted plain models of the largest and the smallest
-architecture are timed whole, interleaved with the table's own timings, and the table
-is mapped onto them, ``scale * sum + rest_ms`` equal to both (``info["scale"]``,
-``info["rest_ms"]``; the tables are stored scaled, so every cost is a plain sum plus
-``rest_ms``). ``info["check"]`` keeps both ends (measured, unscaled table, remainder).
+additions) is measured once: the extracted plain models of the largest, the smallest
+and ``fit_archs`` (6) seeded random architectures are timed whole, interleaved with the
+table's own timings, and the table is mapped onto them, ``scale * sum + rest_ms`` with
+the least squared relative error (``info["scale"]``, ``info["rest_ms"]``; the tables
+are stored scaled, so every cost is a plain sum plus ``rest_ms``). ``info["check"]``
+keeps each of them (measured, unscaled table, remainder).
 
 Each timing: a few warm-up calls, then rounds of enough calls to last ``min_time``
 seconds, the fastest round (CUDA synchronised around each round). All the timings of
@@ -53,7 +54,7 @@ from .cost import CostError, CostModel
 
 __all__ = ["add_latency", "attach", "table_of", "time_many", "time_ms", "latency_cache_dir"]
 
-VERSION = 2
+VERSION = 3
 
 
 def latency_cache_dir() -> str:
@@ -231,11 +232,13 @@ def _load(path: str, cm: CostModel) -> dict | None:
 
 def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
                 device: torch.device | str | None = None, min_time: float = 0.005,
-                cache: bool | str = True, log=None) -> dict:
+                cache: bool | str = True, fit_archs: int = 6, log=None) -> dict:
     """Measure (or read from the cache) the latency table of ``cm`` and attach it
     (``cm.latency(selection)``, ``cm.expected(probs, "latency")``, in ms). ``example``:
     an input batch of ``supernet`` (its batch size is the latency's). ``cache``: True
-    (the default folder), a folder, or False. Returns ``cm.latency_info``."""
+    (the default folder), a folder, or False. ``fit_archs``: how many architectures
+    besides the largest and the smallest are timed whole to map the table onto.
+    Returns ``cm.latency_info``."""
     from .convert import extract
 
     device = torch.device(device) if device is not None else next(
@@ -302,9 +305,7 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
             u.latency = cm._table(u, count)
             tabled.append(u)
         ends = {}
-        for end, pick in (("max", max), ("min", min)):
-            sel = {n: (pick(v) if all(isinstance(x, (int, float)) for x in v) else v[0])
-                   for n, v in cm.choices.items()}
+        for end, sel in _fit_archs(cm.choices, fit_archs):
             ends[end] = (sel, int(job(extract(supernet, sel).to(device).eval(), example)))
         times = torch.tensor([0.0] + _time_modules(jobs, device, min_time), dtype=torch.float64)
         for u in tabled:
@@ -316,7 +317,7 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
             whole[end] = {"arch": {n: str(v) for n, v in sel.items()}, "measured_ms": ms,
                           "table_ms": table, "rest_ms": ms - table}
         del jobs
-    scale, rest = _fit_ends(whole)
+    scale, rest = _fit_whole(whole)
     for u in tabled:
         u.latency = u.latency * scale
     info = {
@@ -344,18 +345,46 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
     return info
 
 
-def _fit_ends(whole: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
-    """``(scale, rest_ms)`` with ``scale * table + rest`` equal to the measured whole model
-    at both ends (the largest and the smallest architecture): what lies between the
-    layers grows with the model (activations, residual additions) as well as costing a
-    constant (the top-level forward). A scale outside [0.25, 4] (the ends too close to
-    tell, or a timing gone wrong) falls back to 1 and the mean remainder."""
-    hi, lo = whole["max"], whole["min"]
-    dt = hi["table_ms"] - lo["table_ms"]
-    if dt > 1e-9 * max(abs(hi["table_ms"]), 1e-12):
-        scale = (hi["measured_ms"] - lo["measured_ms"]) / dt
-        if math.isfinite(scale) and 0.25 <= scale <= 4.0:
-            return scale, hi["measured_ms"] - scale * hi["table_ms"]
+def _fit_archs(choices: Mapping[str, list], n: int) -> list[tuple[str, dict]]:
+    """The architectures timed whole to map the table onto: the largest (``max``) and the
+    smallest (``min``; the first value of a non-numeric choice) and up to ``n`` more drawn
+    uniformly (seeded: the same ones on every call), all distinct."""
+    import random
+
+    def pick(f):
+        return {k: (f(v) if all(isinstance(x, (int, float)) for x in v) else v[0])
+                for k, v in choices.items()}
+
+    out = [("max", pick(max)), ("min", pick(min))]
+    seen = {tuple(sorted(map(str, sel.items()))) for _, sel in out}
+    rng = random.Random(0)
+    total = math.prod(len(v) for v in choices.values())
+    while len(out) < 2 + n and len(seen) < total:
+        sel = {k: rng.choice(list(v)) for k, v in choices.items()}
+        key = tuple(sorted(map(str, sel.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((f"fit{len(out) - 2}", sel))
+    return out
+
+
+def _fit_whole(whole: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
+    """``(scale, rest_ms)`` of ``scale * table + rest`` against the whole models timed:
+    least squares in the relative error (``sum ((scale * t + rest) / m - 1) ** 2``) over
+    all of them; with only the two ends, equal to both. What lies between the layers
+    grows with the model (activations, residual additions) as well as costing a constant
+    (the top-level forward). A scale outside [0.25, 4] or a fit that prices a timed model
+    at <= 0 (the models too close to tell, or a timing gone wrong) falls back to 1 and
+    the mean remainder."""
+    ws = [w for w in whole.values() if w["measured_ms"] > 0]
+    if len({round(w["table_ms"], 12) for w in ws}) >= 2:
+        a = torch.tensor([[w["table_ms"] / w["measured_ms"], 1.0 / w["measured_ms"]]
+                          for w in ws], dtype=torch.float64)
+        b = torch.ones(len(ws), 1, dtype=torch.float64)
+        scale, rest = (float(v) for v in torch.linalg.lstsq(a, b).solution.flatten())
+        if math.isfinite(scale) and math.isfinite(rest) and 0.25 <= scale <= 4.0 and all(
+                scale * w["table_ms"] + rest > 0 for w in ws):
+            return scale, rest
     return 1.0, max(0.0, statistics.fmean(w["rest_ms"] for w in whole.values()))
 
 

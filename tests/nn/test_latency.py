@@ -63,14 +63,19 @@ def test_table_sums_per_architecture_and_in_expectation(fake, name, tmp_path):
         # a block the depth does not reach costs nothing: depth 1 prices block 0 only
         i = sp.choices["layers"].index(1)
         assert float(blocks[1].latency.select(blocks[1].names.index("layers"), i).max()) == 0
-    # the remainder is measured at both ends: whole model minus the table
-    # the table is mapped onto the whole model measured at both ends
-    for end in ("max", "min"):
-        c = info["check"][end]
+    # the table is mapped onto the whole models timed (both ends and seeded draws): the
+    # stored (scaled) table prices each at scale * unscaled table + rest, with (scale,
+    # rest) the least-squares fit over them
+    assert {"max", "min"} <= set(info["check"]) and len(info["check"]) >= 3
+    assert (info["scale"], info["rest_ms"]) == L._fit_whole(info["check"])
+    for end, c in info["check"].items():
         assert c["rest_ms"] == pytest.approx(c["measured_ms"] - c["table_ms"])
-        sel = {n: (max if end == "max" else min)(v) for n, v in sp.choices.items()}
-        if info["scale"] != 1.0 or name == "nanogpt":
-            assert cm.latency(sel) == pytest.approx(c["measured_ms"], rel=1e-9)
+        sel = {n: next(v for v in vals if str(v) == c["arch"][n])
+               for n, vals in sp.choices.items()}
+        assert cm.latency(sel) == pytest.approx(
+            info["scale"] * c["table_ms"] + info["rest_ms"], rel=1e-9)
+        if name == "nanogpt":  # this timer is close to the model: the fit is too
+            assert cm.latency(sel) == pytest.approx(c["measured_ms"], rel=0.05)
     names = list(sp.choices)
     g = torch.Generator().manual_seed(1)
     probs = {n: torch.softmax(torch.randn(len(v), generator=g, dtype=torch.float64), 0)
@@ -245,18 +250,42 @@ def test_a_layer_whose_input_cannot_be_built_is_refused():
         L._input_for(torch.nn.Linear(2, 2), (1, 4), torch.int64, torch.device("cpu"), g, "fc")
 
 
-def test_the_ends_fit_is_exact_and_falls_back_when_it_cannot_tell():
+def test_the_whole_model_fit_is_least_squares_and_falls_back_when_it_cannot_tell():
     whole = {"max": {"measured_ms": 10.0, "table_ms": 8.0, "rest_ms": 2.0},
              "min": {"measured_ms": 3.0, "table_ms": 2.0, "rest_ms": 1.0}}
-    scale, rest = L._fit_ends(whole)
+    scale, rest = L._fit_whole(whole)  # two models: exact at both
     assert scale * 8.0 + rest == pytest.approx(10.0) and scale * 2.0 + rest == pytest.approx(3.0)
-    # ends too close to tell (one table value) or an absurd slope: the mean remainder
+    # more models on one line: recovered exactly; one off the line: the fit minimises the
+    # squared relative error (checked against a brute-force grid)
+    line = {f"m{i}": {"measured_ms": 1.5 * t + 0.2, "table_ms": t, "rest_ms": 0.0}
+            for i, t in enumerate([0.5, 1.0, 1.7, 2.2, 3.0])}
+    assert L._fit_whole(line) == (pytest.approx(1.5), pytest.approx(0.2))
+    line["m9"] = {"measured_ms": 2.4, "table_ms": 1.2, "rest_ms": 0.0}
+
+    def sse(sc, r):
+        return sum(((sc * w["table_ms"] + r) / w["measured_ms"] - 1) ** 2 for w in line.values())
+
+    sc, r = L._fit_whole(line)
+    assert all(sse(sc, r) <= sse(sc + da, r + db) + 1e-12
+               for da in (-1e-3, 0, 1e-3) for db in (-1e-3, 0, 1e-3))
+    # models too close to tell (one table value) or an absurd slope: the mean remainder
     same = {"max": {"measured_ms": 3.0, "table_ms": 2.0, "rest_ms": 1.0},
             "min": {"measured_ms": 2.5, "table_ms": 2.0, "rest_ms": 0.5}}
-    assert L._fit_ends(same) == (1.0, pytest.approx(0.75))
+    assert L._fit_whole(same) == (1.0, pytest.approx(0.75))
     wild = {"max": {"measured_ms": 100.0, "table_ms": 2.1, "rest_ms": 97.9},
             "min": {"measured_ms": 1.0, "table_ms": 2.0, "rest_ms": -1.0}}
-    assert L._fit_ends(wild)[0] == 1.0
+    assert L._fit_whole(wild)[0] == 1.0
+
+
+def test_the_models_timed_whole_are_the_ends_and_distinct_seeded_draws():
+    choices = {"a": [1, 2, 3], "b": [4, 8], "act": ["relu", "gelu"]}
+    got = L._fit_archs(choices, 4)
+    assert got[0] == ("max", {"a": 3, "b": 8, "act": "relu"})
+    assert got[1] == ("min", {"a": 1, "b": 4, "act": "relu"})
+    assert len(got) == 6 and len({tuple(sorted(s.items())) for _, s in got}) == 6
+    assert got == L._fit_archs(choices, 4)  # the same on every call
+    assert len(L._fit_archs(choices, 100)) == 12  # never more than the space has
+    assert len(L._fit_archs(choices, 0)) == 2
 
 
 def test_time_many_interleaves_rounds_and_keeps_the_fastest():
