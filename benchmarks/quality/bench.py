@@ -103,6 +103,15 @@ class Bench:
             hashlib.sha1(json.dumps(self.config_diff, sort_keys=True, default=str).encode()
                          ).hexdigest()[:10],
         }
+        # per-method settings (--method-set METHOD:FIELD=VALUE): part of that method's
+        # runs' config and hash only, so the DrNAS run that sets the time budget is shared
+        self.method_extra: dict[str, dict] = {}
+        for a in getattr(args, "method_set", None) or []:
+            m, sep, kv = a.partition(":")
+            if not sep or m not in ALL_METHODS or m == "drnas":
+                raise SystemExit(f"--method-set {a!r}: expected METHOD:FIELD=VALUE with METHOD "
+                                 f"one of {', '.join(x for x in ALL_METHODS if x != 'drnas')}")
+            self.method_extra.setdefault(m, {}).update(parse_assignments([kv], what="--method-set"))
         self.retrain_steps = args.retrain_steps
         # the retrain budget: the settings train_from_scratch reads
         self.retrain_cfg = {
@@ -148,6 +157,18 @@ class Bench:
         self.run_root = args.run_root or os.path.join(ROOT, "runs", "search_quality",
                                                       f"{tag}-{h}")
         os.makedirs(self.run_root, exist_ok=True)
+
+    def method_config(self, m: str) -> dict:
+        """The settings of method ``m``'s runs (as recorded): the benchmark's, then its own."""
+        return {**self.config_diff, **self.method_extra.get(m, {})}
+
+    def method_hash(self, m: str) -> str:
+        return hashlib.sha1(json.dumps(self.method_config(m), sort_keys=True, default=str)
+                            .encode()).hexdigest()[:10]
+
+    def hashes_for(self, m: str) -> set[str]:
+        """The config hashes a recorded run of ``m`` may carry to be one of these runs."""
+        return {self.method_hash(m)} if self.method_extra.get(m) else self.config_hashes
 
     def cfg(self, **kw):
         from tangle_kernels.search import SearchConfig
@@ -209,10 +230,12 @@ class Bench:
                   checkpoint_every=0, log_every=1)
         if spos_search:
             kw["spos_search"] = spos_search
+        kw.update(self.method_extra.get(name, {}))
         cfg = self.cfg(**kw)
+        tag = self.method_hash(name) if self.method_extra.get(name) else self.config_hash
         out = os.path.join(self.run_root,
                            f"probe{os.getpid()}-{name}" if probe else
-                           f"{name}-{self.config_hash}-s{seed}")
+                           f"{name}-{tag}-s{seed}")
         if os.path.isdir(out):
             shutil.rmtree(out)
         # SPOS + evolution and SPOS + random train the same supernet (same seed, steps and
@@ -222,12 +245,14 @@ class Bench:
         shared, t_train = None, 0.0
         if opt == "spos" and not probe:
             other = "spos+random" if spos_search == "evolution" else "spos+evolution"
-            src = os.path.join(self.run_root, f"{other}-{self.config_hash}-s{seed}")
+            otag = self.method_hash(other) if self.method_extra.get(other) else self.config_hash
+            src = os.path.join(self.run_root, f"{other}-{otag}-s{seed}")
             info = os.path.join(src, "supernet.json")
             if os.path.exists(info):
                 with open(info, encoding="utf-8") as f:
                     meta = json.load(f)
-                if meta.get("steps") == steps and meta.get("config") == self.config_diff and \
+                if meta.get("steps") == steps and \
+                        meta.get("config") == self.method_config(name) and \
                         os.path.exists(os.path.join(src, "checkpoint.pt")):
                     shared, t_train = src, float(meta["train_time"])
         if shared is not None:
@@ -248,7 +273,7 @@ class Bench:
             recs = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
                     if r.get("kind") == "train" and "time" in r]
             write_json(os.path.join(out, "supernet.json"),
-                       {"steps": steps, "config": self.config_diff,
+                       {"steps": steps, "config": self.method_config(name),
                         "train_time": recs[-1]["time"] if recs else 0.0}, indent=None)
         elif not getattr(self.args, "keep_checkpoints", False):
             try:
@@ -270,8 +295,9 @@ class Bench:
         repair_jsonl(self.runs_path)
         # runs of other search settings (older defaults) are not reused
         done = {(r["method"], r["seed"]): r for r in read_jsonl(self.runs_path)
-                if r.get("config_hash") in self.config_hashes
-                or ("config" in r and search_settings(r["config"]) == self.config_diff)}
+                if r.get("config_hash") in self.hashes_for(r["method"])
+                or ("config" in r and search_settings(r["config"]) ==
+                    self.method_config(r["method"]))}
         base_steps = int(self.base_cfg["steps"])
         probe_path = os.path.join(self.work, "probes.json")
         probes: dict[str, float] = {}
@@ -293,6 +319,8 @@ class Bench:
                     if budget is None:
                         raise SystemExit("drnas must run first (it sets the time budget)")
                     pk = "spos" if m.startswith("spos") else m  # one SPOS supernet
+                    if self.method_extra.get(m):  # its own settings: its own step time
+                        pk += "|" + json.dumps(self.method_extra[m], sort_keys=True)
                     if pk not in probes:
                         # back to back, so that both see the same machine load
                         t_d, t_m = self.step_time("drnas"), self.step_time(m)
@@ -335,8 +363,8 @@ class Bench:
         rec = {
             "method": m,
             "seed": seed,
-            "config_hash": sorted(self.config_hashes - {self.config_hash})[0],
-            "config": self.config_diff,
+            "config_hash": self.method_hash(m),
+            "config": self.method_config(m),
             "steps": steps,
             "arch": arch,
             "arch_str": res["arch_str"],

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a search setting (all runs)")
+    p.add_argument("--method-set", action="append", default=[], metavar="METHOD:FIELD=VALUE",
+                   help="a search setting of one method's runs only (not DrNAS's, which "
+                   "sets the time budget), e.g. gdas:sandwich=max")
     p.add_argument("--data", default=None, help="text file (default: the embedded corpus)")
     p.add_argument("--corpus", default=None, metavar="NAME",
                    help="a corpus of the held-out protocol (benchmarks/quality/corpora.py; "
@@ -107,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench.runs(ref)
     else:
         rows = [r for r in read_jsonl(bench.runs_path) if r["seed"] in args.seeds
-                and r.get("config_hash") in bench.config_hashes and r["method"] in args.samplers]
+                and r.get("config_hash") in bench.hashes_for(r["method"])
+                and r["method"] in args.samplers]
         last = {(r["method"], r["seed"]): r for r in rows}
         rows = list(last.values())
     # fill percentiles of runs recorded before the reference held their arch

@@ -29,6 +29,7 @@ __all__ = ["SearchConfig", "SearchError", "PRECISIONS", "build_config", "parse_c
 PRECISIONS = ("fp32", "tf32", "bf16")
 SELECTS = ("argmax", "race")
 RACE_PICKS = ("top", "draw")
+SANDWICHES = ("none", "max", "max-min")
 
 
 class SearchError(ValueError):
@@ -57,6 +58,11 @@ class _Core:
     arch_weight_decay: float = 1e-3
     arch_init_scale: float = 1e-3  #: alphas start at init_scale * N(0, 1)
     warmup_steps: int = 0  #: weight-only steps before the alphas start to move
+    #: one-hot samplers (GDAS, SPOS): the weight step also trains the sampled architecture
+    #: with every numeric choice at its largest (``max``), and at its smallest too
+    #: (``max-min``): BigNAS's sandwich rule, so the widest slices are trained every step
+    #: and not only when drawn (``none``: the sampled architecture only)
+    sandwich: str = "none"
     unrolled: bool = False  #: second-order DARTS (samplers with ``supports_unrolled``)
     retrain_steps: int = 0  #: train the derived arch from scratch for N steps (0: skip)
     seed: int = 0
@@ -170,6 +176,14 @@ class _Core:
                               "need race_archs >= 1 and race_steps >= 0")
         if not (self.race_noise >= 0 and math.isfinite(self.race_noise)):
             raise SearchError(f"race_noise={self.race_noise}: must be >= 0 and finite")
+        if self.sandwich not in SANDWICHES:
+            raise SearchError(f"sandwich={self.sandwich!r}: choose one of {', '.join(SANDWICHES)}")
+        if self.sandwich != "none" and not SAMPLERS[self.sampler].hard:
+            hard = ", ".join(n for n, c in SAMPLERS.items() if c.hard)
+            raise SearchError(f"sandwich={self.sandwich} adds the largest (and smallest) "
+                              f"architecture to a one-hot weight step ({hard}); "
+                              f"--sampler {self.sampler} trains a mixture of every candidate "
+                              "already: use sandwich=none")
         if self.race_pick not in RACE_PICKS:
             raise SearchError(f"race_pick={self.race_pick!r}: choose one of "
                               f"{', '.join(RACE_PICKS)}")

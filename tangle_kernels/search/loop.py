@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..nn.arch import HardArch
 from ..nn.base import set_arch
 from ..nn.latency import attach, table_of
 from . import distributed as D
@@ -305,11 +306,20 @@ class Search:
             if self.lagrangian is not None:
                 rec.update(self.lagrangian.update(self.sampler.probs()))
 
-        # 2. weight step (train split)
-        set_arch(self.model, detach_arch(self.sampler.sample(noise, step)))
+        # 2. weight step (train split); with a sandwich, the same batch through the
+        # sampled architecture at its extremes too, the gradients averaged
+        sampled = detach_arch(self.sampler.sample(noise, step))
+        archs = [sampled] + [sandwich_arch(sampled, self.sampler.choices, end)
+                             for end in SANDWICH_ENDS[cfg.sandwich]]
         self.w_opt.zero_grad(set_to_none=True)
-        loss = self._loss(self.ddp, train_batch)
-        loss.backward()
+        for j, arch in enumerate(archs):
+            set_arch(self.model, arch)
+            lj = self._loss(self.ddp, train_batch)
+            (lj / len(archs)).backward()
+            if j == 0:
+                loss = lj
+            else:
+                rec[f"train_loss_{SANDWICH_ENDS[cfg.sandwich][j - 1]}"] = float(lj.detach())
         set_arch(self.model, None)
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -429,6 +439,28 @@ class Search:
 
     def _decision(self, history) -> dict:
         return self.sampler.decision(history, self.cfg)
+
+
+#: the extra architectures of each ``sandwich`` setting's weight step
+SANDWICH_ENDS = {"none": (), "max": ("max",), "max-min": ("max", "min")}
+
+
+def sandwich_arch(arch: Mapping[str, torch.Tensor], choices: Mapping[str, list],
+                  end: str) -> HardArch:
+    """The one-hot ``arch`` with every numeric choice at its largest (``end="max"``) or
+    smallest (``"min"``) value; a choice of other values keeps its sampled one."""
+    pick = max if end == "max" else min
+    weights, index = {}, {}
+    for n, v in arch.items():
+        vals = choices[n]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            i = vals.index(pick(vals))
+        else:
+            i = int(torch.argmax(v))
+        w = torch.zeros_like(v)
+        w[i] = 1.0
+        weights[n], index[n] = w, i
+    return HardArch(weights, index)
 
 
 def run_search(space, data, cfg: SearchConfig, **kw) -> dict:

@@ -223,3 +223,29 @@ def test_quick_budgeted_question_ranks_within_the_budget(tmp_path):
         sq.main(base + ["--budget-quantile", "50", "--set", "max_params=100"])
     with pytest.raises(SystemExit, match="quantile"):
         sq.main(base + ["--budget-quantile", "0"])
+
+
+def test_a_method_set_applies_to_that_methods_runs_only(tmp_path):
+    """``--method-set gdas:sandwich=max``: the GDAS runs have it (config, hash, metrics),
+    the DrNAS run that sets the time budget does not and is shared with plain GDAS."""
+    sq = _load()
+    base = ["--quick", "--seeds", "0", "--work", str(tmp_path / "w"),
+            "--run-root", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-readme",
+            "--tag", "ms"]
+    assert sq.main(base + ["--samplers", "drnas", "gdas"]) == 0
+    assert sq.main(base + ["--samplers", "drnas", "gdas", "--no-train-reference",
+                           "--method-set", "gdas:sandwich=max"]) == 0
+    runs = [json.loads(l) for l in open(tmp_path / "w" / "runs.jsonl")]
+    assert [r["method"] for r in runs] == ["drnas", "gdas", "gdas"]  # drnas ran once
+    plain, sw = runs[1], runs[2]
+    assert "sandwich" not in runs[0]["config"] and "sandwich" not in plain["config"]
+    assert sw["config"]["sandwich"] == "max" and sw["config_hash"] != plain["config_hash"]
+    # the record's metrics path is relative to the repository (bench.ROOT)
+    recs = [json.loads(l) for l in open(os.path.join(sq.ROOT, sw["metrics"]))]
+    assert recs and all("train_loss_max" in r for r in recs if r.get("kind") == "train")
+    probes = json.load(open(tmp_path / "w" / "probes.json"))
+    assert "gdas" in probes and any(k.startswith("gdas|") for k in probes)
+    with pytest.raises(SystemExit, match="METHOD:FIELD=VALUE"):
+        sq.main(base + ["--method-set", "drnas:sandwich=max"])
+    with pytest.raises(SystemExit, match="METHOD:FIELD=VALUE"):
+        sq.main(base + ["--method-set", "sandwich=max"])
