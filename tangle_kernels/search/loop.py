@@ -293,7 +293,7 @@ class Search:
             else:
                 arch = self.sampler.sample(noise, step)
                 self._last_sample = {n: v.detach().cpu().tolist() for n, v in arch.items()}
-                set_arch(self.model, arch)
+                set_arch(self.model, self.sampler.for_arch_step(arch))
                 lv = self._loss(self.model, val_batch, weight_grads=False)
                 obj = lv if self.lagrangian is None else lv + self.lagrangian.term(arch)
                 obj.backward(inputs=alphas)

@@ -152,6 +152,11 @@ class Sampler:
         """The current per-choice probabilities (detached), for logging, plots and derive."""
         raise NotImplementedError
 
+    def for_arch_step(self, arch: dict) -> dict:
+        """The arch the architecture step's forward pass runs ``arch`` as (the sample
+        itself; GDAS with ``gdas_grad=superposed``: its values on the superposed path)."""
+        return arch
+
     def derive(self) -> dict[str, object]:
         """``{name: value}``: argmax of :meth:`probs` per choice (first index on ties)."""
         out = {}

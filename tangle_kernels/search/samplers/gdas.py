@@ -30,13 +30,21 @@ class GDASSampler(Sampler):
                flag="--tau-max", check="positive"),
         Option("tau_min", float, 0.1, "GDAS final temperature", kwarg="tau_min",
                flag="--tau-min", check="positive"),
+        Option("gdas_grad", str, "sliced", "GDAS architecture gradient: sliced (the chosen "
+               "candidate's sliced forward: its entry only) or superposed (the same one-hot "
+               "values on the superposed path: every candidate's entry)",
+               kwarg="gdas_grad", choices=("sliced", "superposed")),
     )
     run_kwargs = ("total_steps",)
 
     def __init__(
-        self, choices, *, tau_max: float = 10.0, tau_min: float = 0.1, total_steps: int = 1, **kw
+        self, choices, *, tau_max: float = 10.0, tau_min: float = 0.1, total_steps: int = 1,
+        gdas_grad: str = "sliced", **kw
     ):
         super().__init__(choices, **kw)
+        if gdas_grad not in ("sliced", "superposed"):
+            raise ValueError(f"gdas_grad={gdas_grad!r}: choose sliced or superposed")
+        self.gdas_grad = gdas_grad
         if not (tau_max > 0 and tau_min > 0):
             raise ValueError(
                 f"GDAS temperatures must be positive (tau_max={tau_max}, tau_min={tau_min})"
@@ -64,6 +72,19 @@ class GDASSampler(Sampler):
             weights[n] = hard + (soft - soft.detach())
             index[n] = i
         return HardArch(weights, index)
+
+    def for_arch_step(self, arch):
+        """``gdas_grad=superposed``: the sample as a plain arch. Its values are the same
+        one-hot ones (the forward is the chosen architecture's, zero-padded to the max
+        size), but on the superposed path ``W_mix = sum_k h_k pad(slice_k(W))`` every
+        entry ``h_k`` gets the gradient ``<dL/dW_mix, pad(slice_k(W))>``: how adding a
+        little of candidate k would change the loss (TangleNAS's GDAS). The sliced path
+        gives the chosen entry only (the gradient of its output's scale), which says
+        nothing of the other candidates. Costs the max-size forward in the arch step;
+        the weight step stays sliced."""
+        if self.gdas_grad == "superposed" and isinstance(arch, HardArch):
+            return dict(arch)
+        return arch
 
     def probs(self):
         return {n: F.softmax(a.detach(), dim=0) for n, a in self.alphas.items()}
