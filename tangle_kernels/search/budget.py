@@ -279,7 +279,8 @@ def setup(search):
             _add_latency(search, cm, example)
         uniform = {n: [1.0] * len(v) for n, v in search.space.choices.items()}
         constrained_argmax(cm, uniform, budget)  # raises when nothing fits
-        lag = Lagrangian(cm, budget, rate=cfg.budget_rate) if search.sampler.trains_arch else None
+        lag = (Lagrangian(cm, budget, rate=cfg.budget_rate)
+               if search.sampler.trains_arch and cfg.budget_mode == "lagrange" else None)
     except (BudgetError, CostError) as e:
         raise SearchError(f"budget: {e}") from None
     return budget, cm, lag

@@ -30,6 +30,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SELECTS = ("argmax", "race")
 RACE_PICKS = ("top", "draw")
 SANDWICHES = ("none", "max", "max-min")
+BUDGET_MODES = ("lagrange", "derive")
 
 
 class SearchError(ValueError):
@@ -81,6 +82,11 @@ class _Core:
     latency_batch: int = 1
     #: dual-ascent rate of the budget's Lagrange multipliers
     budget_rate: float = 1.0
+    #: how a budget acts: ``lagrange``, the expected cost is constrained in the
+    #: architecture objective (a multiplier per limit) and the derivation keeps to the
+    #: limits; ``derive``, the architecture search runs unconstrained and only the
+    #: derivation (and the race's contenders) keeps to the limits
+    budget_mode: str = "lagrange"
     #: final selection (``race.py``): ``argmax`` of the final distribution, or ``race``:
     #: ``race_archs`` contenders, each trained from scratch for ``race_steps`` (0:
     #: ``retrain_steps``), the best on the validation batches kept. ``race_pick``: ``top``,
@@ -197,6 +203,9 @@ class _Core:
             if self.race_steps == 0 and self.retrain_steps == 0:
                 raise SearchError("select=race trains its contenders from scratch: set "
                                   "race_steps=N or --retrain-steps N")
+        if self.budget_mode not in BUDGET_MODES:
+            raise SearchError(f"budget_mode={self.budget_mode!r}: choose one of "
+                              f"{', '.join(BUDGET_MODES)}")
         if not (self.budget_rate > 0 and math.isfinite(self.budget_rate)):
             raise SearchError(f"budget_rate={self.budget_rate}: must be > 0 and finite")
         if self.lr_min < 0 or self.lr_min > self.lr:

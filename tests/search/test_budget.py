@@ -215,3 +215,27 @@ def test_cli_budget_flags(tmp_path, capsys):
                           "--steps", "2", "--batch-size", "4", "--max-params", "10",
                           "--out", str(tmp_path / "r"), "--no-progress"], capsys)
     assert_one_error(rc, err, "budget: no architecture of the space fits --max-params 10")
+
+
+def test_budget_mode_derive_searches_unconstrained_and_derives_within(tmp_path):
+    """``budget_mode=derive``: no multiplier, the alphas train exactly as without a
+    budget (same seed: the same final distribution), the derivation and the race keep
+    to the limit."""
+    import json
+
+    sp = make_space("nanogpt", preset="tiny")
+    data = sp.make_data("synthetic")
+    cm = CostModel(sp.build_supernet(data), sp.choices)
+    lo, hi = cm.bounds("params")
+    limit = lo + 0.3 * (hi - lo)
+    free, _ = _run(sp, data, tmp_path / "free", steps=4)
+    res, doc = _run(sp, data, tmp_path / "derive", steps=4, max_params=limit,
+                    budget_mode="derive", select="race", race_archs=3, race_steps=2)
+    assert res["probs"] == free["probs"]
+    assert "budget_multipliers" not in doc
+    assert doc["costs"]["params"] == cm.params(doc["arch"]) <= limit
+    assert all(cm.params(c["arch"]) <= limit for c in doc["race"]["contenders"])
+    lag, ldoc = _run(sp, data, tmp_path / "lag", steps=4, max_params=limit)
+    assert "budget_multipliers" in ldoc and lag["probs"] != free["probs"]
+    with pytest.raises(Exception, match="budget_mode"):
+        SearchConfig(budget_mode="penalty").check()
