@@ -112,6 +112,11 @@ class Bench:
                 raise SystemExit(f"--method-set {a!r}: expected METHOD:FIELD=VALUE with METHOD "
                                  f"one of {', '.join(x for x in ALL_METHODS if x != 'drnas')}")
             self.method_extra.setdefault(m, {}).update(parse_assignments([kv], what="--method-set"))
+        # explicit for GDAS: its gradient's default changed (GDAS_GRAD_BEFORE), so that a
+        # run of the old default is not taken for one of today's
+        if "gdas" in SAMPLER_RUNS:
+            self.method_extra.setdefault("gdas", {}).setdefault(
+                "gdas_grad", SearchConfig().to_dict()["gdas_grad"])
         self.retrain_steps = args.retrain_steps
         # the retrain budget: the settings train_from_scratch reads
         self.retrain_cfg = {
@@ -296,7 +301,7 @@ class Bench:
         # runs of other search settings (older defaults) are not reused
         done = {(r["method"], r["seed"]): r for r in read_jsonl(self.runs_path)
                 if r.get("config_hash") in self.hashes_for(r["method"])
-                or ("config" in r and search_settings(r["config"]) ==
+                or ("config" in r and method_settings(r["method"], r["config"]) ==
                     self.method_config(r["method"]))}
         base_steps = int(self.base_cfg["steps"])
         probe_path = os.path.join(self.work, "probes.json")
@@ -392,6 +397,18 @@ REPORT_ONLY = ("race_noise",)
 
 #: how a race picked its contenders before ``race_pick`` existed (records without it)
 RACE_PICK_BEFORE = "draw"
+
+#: GDAS's architecture gradient before ``gdas_grad`` existed (records without it)
+GDAS_GRAD_BEFORE = "sliced"
+
+
+def method_settings(method: str, cfg: dict) -> dict:
+    """:func:`search_settings` of a run of ``method``: a GDAS run recorded before
+    ``gdas_grad`` existed had the sliced gradient."""
+    out = search_settings(cfg)
+    if method == "gdas" and "gdas_grad" not in out:
+        out["gdas_grad"] = GDAS_GRAD_BEFORE
+    return out
 
 
 def search_settings(cfg: dict) -> dict:

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 from tangle_kernels.search.runlog import read_jsonl
 
-from .bench import (REPORT_ONLY, ROOT, _key, budget_label, in_budget, percentile,
-                    random_search_from_reference, search_settings)
+from .bench import (REPORT_ONLY, ROOT, _key, budget_label, in_budget, method_settings,
+                    percentile, random_search_from_reference)
 from .corpora import CORPORA, DEFAULT
 from ..sections import git_commit as _commit
 
@@ -99,7 +99,7 @@ def load(names: Sequence[str]) -> dict:
                     continue  # recorded before runs kept their settings
                 runs.append(r)
         for r in runs:  # after every folder's reference is in (a budget's label needs it)
-            cfg = search_settings(r["config"])
+            cfg = method_settings(r["method"], r["config"])
             q = budget_label(ref, cfg.get("max_params"))
             if q:  # the budgeted question: one label on every corpus
                 cfg = {**cfg, "max_params": q}

@@ -20,6 +20,12 @@ crushes a 100 M one), while the multiplier is scale-free (each violation is rela
 to its limit) and goes back to 0 while the expected cost fits, so a search whose
 unconstrained optimum already fits is left alone.
 
+``budget_mode=derive`` leaves the multipliers out: the alphas are searched as without a
+budget and only the derivation below (and a race's contenders) keeps to the limits. On
+the nanoGPT space the unconstrained distribution ranks the architectures within a
+budget better than a distribution pushed under it (docs/search-quality.md, "Search under
+a budget").
+
 **Derivation.** :func:`constrained_argmax`: among the architectures within every
 limit, the most probable one under the final distribution (the product of the
 per-choice probabilities), never one that violates a limit; :class:`BudgetError` when

@@ -56,6 +56,7 @@ def test_gdas_grad_is_validated_and_only_changes_the_arch_step():
     s = make_sampler("gdas", {"a": [1, 2]}, gdas_grad="superposed")
     arch = s.sample(torch.Generator().manual_seed(0), 0)
     assert type(s.for_arch_step(arch)) is dict  # the superposed path
-    assert make_sampler("gdas", {"a": [1, 2]}).for_arch_step(arch) is arch
+    assert make_sampler("gdas", {"a": [1, 2]}, gdas_grad="sliced").for_arch_step(arch) is arch
+    assert SearchConfig().gdas_grad == "superposed"  # chosen on the tuning corpora
     with pytest.raises(ValueError, match="gdas_grad"):
         make_sampler("gdas", {"a": [1, 2]}, gdas_grad="x")

@@ -121,6 +121,18 @@ def test_a_budgeted_run_is_ranked_among_the_architectures_within_its_budget():
     assert sorted(r["params"] for r in fit.values()) == [0, 10, 20, 30, 40]
 
 
+def test_a_gdas_run_recorded_before_gdas_grad_had_the_sliced_gradient():
+    from benchmarks.quality.bench import GDAS_GRAD_BEFORE, method_settings
+
+    assert method_settings("gdas", {"steps": 3})["gdas_grad"] == GDAS_GRAD_BEFORE == "sliced"
+    assert method_settings("gdas", {"gdas_grad": "superposed"})["gdas_grad"] == "superposed"
+    assert "gdas_grad" not in method_settings("drnas", {"steps": 3})
+    dflt = {"gdas_grad": "superposed"}
+    assert setting_label(method_settings("gdas", {}), {}, dflt) == "gdas_grad=sliced"
+    assert setting_label(method_settings("gdas", {"gdas_grad": "superposed"}), {}, dflt) == \
+        "default"
+
+
 def test_budget_quantiles_are_percentiles_of_the_references_parameter_counts():
     from benchmarks.quality.bench import budget_at, budget_label
 

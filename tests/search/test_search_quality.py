@@ -244,7 +244,9 @@ def test_a_method_set_applies_to_that_methods_runs_only(tmp_path):
     recs = [json.loads(l) for l in open(os.path.join(sq.ROOT, sw["metrics"]))]
     assert recs and all("train_loss_max" in r for r in recs if r.get("kind") == "train")
     probes = json.load(open(tmp_path / "w" / "probes.json"))
-    assert "gdas" in probes and any(k.startswith("gdas|") for k in probes)
+    # each GDAS setting has its own step-time probe (GDAS's gradient is always explicit)
+    assert len([k for k in probes if k.startswith("gdas|")]) == 2
+    assert plain["config"]["gdas_grad"] == sw["config"]["gdas_grad"] == "superposed"
     with pytest.raises(SystemExit, match="METHOD:FIELD=VALUE"):
         sq.main(base + ["--method-set", "drnas:sandwich=max"])
     with pytest.raises(SystemExit, match="METHOD:FIELD=VALUE"):

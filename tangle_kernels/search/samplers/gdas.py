@@ -30,16 +30,16 @@ class GDASSampler(Sampler):
                flag="--tau-max", check="positive"),
         Option("tau_min", float, 0.1, "GDAS final temperature", kwarg="tau_min",
                flag="--tau-min", check="positive"),
-        Option("gdas_grad", str, "sliced", "GDAS architecture gradient: sliced (the chosen "
-               "candidate's sliced forward: its entry only) or superposed (the same one-hot "
-               "values on the superposed path: every candidate's entry)",
+        Option("gdas_grad", str, "superposed", "GDAS architecture gradient: superposed (the "
+               "one-hot sample's values on the superposed path: every candidate's entry) or "
+               "sliced (the chosen candidate's sliced forward: its entry only)",
                kwarg="gdas_grad", choices=("sliced", "superposed")),
     )
     run_kwargs = ("total_steps",)
 
     def __init__(
         self, choices, *, tau_max: float = 10.0, tau_min: float = 0.1, total_steps: int = 1,
-        gdas_grad: str = "sliced", **kw
+        gdas_grad: str = "superposed", **kw
     ):
         super().__init__(choices, **kw)
         if gdas_grad not in ("sliced", "superposed"):
