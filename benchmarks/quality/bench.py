@@ -98,6 +98,8 @@ class Bench:
         self.config_diff = {k: v for k, v in hd.items() if k not in dflt or dflt[k] != v}
         if hd.get("select") == "race":  # explicit: its default changed (RACE_PICK_BEFORE)
             self.config_diff["race_pick"] = hd["race_pick"]
+        if _budgeted(hd):  # explicit: its default changed (BUDGET_MODE_BEFORE)
+            self.config_diff["budget_mode"] = hd["budget_mode"]
         self.config_hashes = {
             self.config_hash,
             hashlib.sha1(json.dumps(self.config_diff, sort_keys=True, default=str).encode()
@@ -398,6 +400,9 @@ REPORT_ONLY = ("race_noise",)
 #: how a race picked its contenders before ``race_pick`` existed (records without it)
 RACE_PICK_BEFORE = "draw"
 
+#: how a budget acted before ``budget_mode`` existed (budgeted records without it)
+BUDGET_MODE_BEFORE = "lagrange"
+
 #: GDAS's architecture gradient before ``gdas_grad`` existed (records without it)
 GDAS_GRAD_BEFORE = "sliced"
 
@@ -419,7 +424,13 @@ def search_settings(cfg: dict) -> dict:
     out = {k: v for k, v in cfg.items() if k not in REPORT_ONLY and k != "retrain_steps"}
     if out.get("select") == "race" and "race_pick" not in out:
         out["race_pick"] = RACE_PICK_BEFORE
+    if _budgeted(out) and "budget_mode" not in out:
+        out["budget_mode"] = BUDGET_MODE_BEFORE
     return out
+
+
+def _budgeted(cfg: dict) -> bool:
+    return any(cfg.get(k) for k in ("max_params", "max_macs", "max_latency_ms"))
 
 
 def _race_time(rec: dict) -> float:

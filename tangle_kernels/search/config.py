@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SELECTS = ("argmax", "race")
 RACE_PICKS = ("top", "draw")
 SANDWICHES = ("none", "max", "max-min")
-BUDGET_MODES = ("lagrange", "derive")
+BUDGET_MODES = ("derive", "lagrange")
 
 
 class SearchError(ValueError):
@@ -82,11 +82,11 @@ class _Core:
     latency_batch: int = 1
     #: dual-ascent rate of the budget's Lagrange multipliers
     budget_rate: float = 1.0
-    #: how a budget acts: ``lagrange``, the expected cost is constrained in the
-    #: architecture objective (a multiplier per limit) and the derivation keeps to the
-    #: limits; ``derive``, the architecture search runs unconstrained and only the
-    #: derivation (and the race's contenders) keeps to the limits
-    budget_mode: str = "lagrange"
+    #: how a budget acts: ``derive``, the architecture search runs unconstrained and
+    #: only the derivation (and the race's contenders) keeps to the limits; ``lagrange``,
+    #: the expected cost is also constrained in the architecture objective (a multiplier
+    #: per limit). ``derive`` was chosen on the tuning corpora (docs/search-quality.md)
+    budget_mode: str = "derive"
     #: final selection (``race.py``): ``argmax`` of the final distribution, or ``race``:
     #: ``race_archs`` contenders, each trained from scratch for ``race_steps`` (0:
     #: ``retrain_steps``), the best on the validation batches kept. ``race_pick``: ``top``,

@@ -162,7 +162,7 @@ def test_search_under_a_latency_budget_and_resume(fake, tmp_path, monkeypatch):
                   for c in itertools.product(*sp.choices.values()))
     limit = lats[len(lats) // 4]
     cfg = SearchConfig(sampler="drnas", steps=4, batch_size=4, eval_batches=1,
-                       checkpoint_every=0, max_latency_ms=limit)
+                       checkpoint_every=0, max_latency_ms=limit, budget_mode="lagrange")
     res = Search(sp, data, cfg, out=str(tmp_path / "a"), progress=False,
                  log=lambda m: None).run()
     doc = json.loads((tmp_path / "a" / "arch.json").read_text())

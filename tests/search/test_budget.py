@@ -154,7 +154,8 @@ def test_search_derives_within_the_budget(sampler, tmp_path):
     cm = CostModel(sp.build_supernet(data), sp.choices)
     lo, hi = cm.bounds("params")
     limit = lo + 0.3 * (hi - lo)
-    res, doc = _run(sp, data, tmp_path, sampler=sampler, max_params=limit)
+    res, doc = _run(sp, data, tmp_path, sampler=sampler, max_params=limit,
+                    budget_mode="lagrange")
     assert doc["budget"] == {"max_params": limit}
     assert doc["costs"]["params"] == cm.params(doc["arch"]) == res["params"] <= limit
     assert doc["budget_margin"]["params"] == pytest.approx(1 - doc["costs"]["params"] / limit)
@@ -175,11 +176,12 @@ def test_search_budget_on_macs_of_a_vision_space_and_resume(tmp_path):
     cm = CostModel(model, sp.choices, example=x)
     sel = {n: v[0] for n, v in sp.choices.items()}
     limit = cm.macs(sel) * 1.05
-    res, doc = _run(sp, data, tmp_path / "a", sampler="drnas", max_macs=limit, steps=4)
+    res, doc = _run(sp, data, tmp_path / "a", sampler="drnas", max_macs=limit, steps=4,
+                    budget_mode="lagrange")
     assert doc["costs"]["macs"] <= limit and doc["costs"]["macs"] == sp.arch_macs(doc["arch"])
     # interrupted after 2 steps and resumed: the same alphas, multipliers and architecture
     cfg = SearchConfig(sampler="drnas", steps=4, batch_size=4, eval_batches=1, checkpoint_every=0,
-                       max_macs=limit)
+                       max_macs=limit, budget_mode="lagrange")
     s = Search(sp, data, cfg, out=str(tmp_path / "b"), progress=False, log=lambda m: None,
                on_step=lambda search, step: search.request_stop() if step == 1 else None)
     with pytest.raises(KeyboardInterrupt):
@@ -235,7 +237,10 @@ def test_budget_mode_derive_searches_unconstrained_and_derives_within(tmp_path):
     assert "budget_multipliers" not in doc
     assert doc["costs"]["params"] == cm.params(doc["arch"]) <= limit
     assert all(cm.params(c["arch"]) <= limit for c in doc["race"]["contenders"])
-    lag, ldoc = _run(sp, data, tmp_path / "lag", steps=4, max_params=limit)
+    lag, ldoc = _run(sp, data, tmp_path / "lag", steps=4, max_params=limit,
+                     budget_mode="lagrange")
+    dflt, ddoc = _run(sp, data, tmp_path / "dflt", steps=4, max_params=limit)
+    assert "budget_multipliers" not in ddoc and dflt["probs"] == free["probs"]  # the default
     assert "budget_multipliers" in ldoc and lag["probs"] != free["probs"]
     with pytest.raises(Exception, match="budget_mode"):
         SearchConfig(budget_mode="penalty").check()

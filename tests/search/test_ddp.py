@@ -153,7 +153,8 @@ def test_two_rank_search_under_a_budget_with_a_race_agrees(tmp_path):
            "-m", "tangle_kernels.search", "--preset", "tiny", "--hp", "block_size=16",
            "--data", "synthetic", "--batch-size", "4", "--steps", "5", "--sampler", "drnas",
            "--max-params", str(limit), "--set", "eval_batches=2", "--set", "select=race",
-           "--set", "race_archs=3", "--retrain-steps", "2", "--out", str(out),
+           "--set", "race_archs=3", "--set", "budget_mode=lagrange", "--retrain-steps", "2",
+           "--out", str(out),
            # a latency limit every architecture meets: rank 0 measures the table, the
            # other rank prices with it (a table per rank could split the ranks)
            "--max-latency-ms", "1e6", "--no-progress"]

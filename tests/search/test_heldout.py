@@ -133,6 +133,17 @@ def test_a_gdas_run_recorded_before_gdas_grad_had_the_sliced_gradient():
         "default"
 
 
+def test_a_budgeted_run_recorded_before_budget_mode_had_the_multiplier():
+    from benchmarks.quality.bench import BUDGET_MODE_BEFORE, search_settings
+
+    assert search_settings({"max_params": 5})["budget_mode"] == BUDGET_MODE_BEFORE == "lagrange"
+    assert search_settings({"max_params": 5, "budget_mode": "derive"})["budget_mode"] == "derive"
+    assert "budget_mode" not in search_settings({"steps": 3})  # no budget, no mode
+    dflt = {"budget_mode": "derive"}
+    assert setting_label(search_settings({"max_params": "p25"}), {}, dflt) == \
+        "budget_mode=lagrange max_params=p25"
+
+
 def test_budget_quantiles_are_percentiles_of_the_references_parameter_counts():
     from benchmarks.quality.bench import budget_at, budget_label
 
