@@ -11,8 +11,8 @@ of its own choices, plus a measured constant for what lies between them; cached)
 batch of ``latency_batch`` validation samples, priced by the same polynomial. Under DDP
 rank 0 measures it and every rank uses rank 0's table.
 
-**The constraint: a Lagrange multiplier per limit, learned with the alphas.** The
-architecture objective becomes ``L_val + sum_k lambda_k (E[cost_k] / limit_k - 1)``;
+**The constraint (``budget_mode=lagrange``): a Lagrange multiplier per limit, learned
+with the alphas.** The architecture objective becomes ``L_val + sum_k lambda_k (E[cost_k] / limit_k - 1)``;
 after every architecture step ``lambda_k <- max(0, lambda_k + rate (E[cost_k] /
 limit_k - 1))`` (dual ascent). Why a multiplier and not a fixed penalty: a penalty's
 weight must be tuned per space and per budget (a weight that holds a 1 M budget
@@ -20,11 +20,11 @@ crushes a 100 M one), while the multiplier is scale-free (each violation is rela
 to its limit) and goes back to 0 while the expected cost fits, so a search whose
 unconstrained optimum already fits is left alone.
 
-``budget_mode=derive`` leaves the multipliers out: the alphas are searched as without a
-budget and only the derivation below (and a race's contenders) keeps to the limits. On
-the nanoGPT space the unconstrained distribution ranks the architectures within a
-budget better than a distribution pushed under it (docs/search-quality.md, "Search under
-a budget").
+``budget_mode=derive`` (the default) leaves the multipliers out: the alphas are
+searched as without a budget and only the derivation below (and a race's contenders)
+keeps to the limits. On the nanoGPT space the unconstrained distribution ranks the
+architectures within a budget better than a distribution pushed under it
+(docs/search-quality.md, "Search under a budget").
 
 **Derivation.** :func:`constrained_argmax`: among the architectures within every
 limit, the most probable one under the final distribution (the product of the
