@@ -9,7 +9,9 @@ One step of :class:`Search` (first order, as DARTS' first-order variant, DrNAS, 
    gradients over DDP ranks, Adam step on the alphas;
 2. weight step: a fresh arch sample (detached), ``L_train(w, a)`` on a train batch
    through the DDP wrapper (its gradient all-reduce), gradient clipping, an SGD or AdamW
-   step on the weights with a cosine learning-rate schedule.
+   step on the weights with a cosine learning-rate schedule. ``sandwich`` (one-hot
+   samplers): the same batch also through the sample with its sizes at their largest
+   (and smallest), the gradients averaged (BigNAS's sandwich rule).
 
 ``unrolled=True`` (samplers with ``supports_unrolled``: DARTS, sparsemax) replaces step 1
 by the second-order DARTS approximation (:func:`~.unrolled.unrolled_arch_grad`).
