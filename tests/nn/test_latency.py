@@ -67,7 +67,9 @@ def test_table_sums_per_architecture_and_in_expectation(fake, name, tmp_path):
     # stored (scaled) table prices each at scale * unscaled table + rest, with (scale,
     # rest) the least-squares fit over them
     assert {"max", "min"} <= set(info["check"]) and len(info["check"]) >= 3
-    assert (info["scale"], info["rest_ms"]) == L._fit_whole(info["check"])
+    # (LAPACK's least squares may differ in the last bit between two calls)
+    assert (info["scale"], info["rest_ms"]) == pytest.approx(L._fit_whole(info["check"]),
+                                                             rel=1e-12, abs=1e-12)
     for end, c in info["check"].items():
         assert c["rest_ms"] == pytest.approx(c["measured_ms"] - c["table_ms"])
         sel = {n: next(v for v in vals if str(v) == c["arch"][n])
