@@ -166,6 +166,12 @@ def test_search_derives_within_the_budget(sampler, tmp_path):
         trains = [r for r in recs if r.get("kind") == "train"]
         assert all("lambda_params" in r and "expected_params" in r for r in trains)
         assert doc["budget_multipliers"]["params"] == trains[-1]["lambda_params"]
+    if sampler == "spos":  # every evaluation of the selection on an architecture that fits
+        import itertools
+
+        n_fit = sum(cm.params(dict(zip(sp.choices, v))) <= limit
+                    for v in itertools.product(*sp.choices.values()))
+        assert 1 <= n_fit and doc["decided"]["spos"]["scored"] == min(4, n_fit)
 
 
 def test_search_budget_on_macs_of_a_vision_space_and_resume(tmp_path):

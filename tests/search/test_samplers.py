@@ -328,3 +328,41 @@ def test_evolution_finds_the_optimum_and_respects_small_spaces():
     best, s, hist = evolution(tiny, lambda sel: -sel["a"], budget=50, seed=0)
     assert len(hist) == 2 and best == {"a": 2, "b": 3}
     assert math.isclose(s, -2)
+
+
+def _big_fits(sel):  # about a fifth of BIG; its optimum lies outside
+    return sum(sel.values()) <= 12
+
+
+def test_constrained_selection_scores_only_what_fits_and_counts_only_that():
+    """Under ``fits`` every evaluation goes to a selection that fits (none scored that
+    does not, none counted against the budget), and evolution finds the constrained
+    optimum where random search with the same evaluations does not."""
+    feasible_best = min(_big_score(dict(zip(BIG, v))) for v in __import__("itertools").product(
+        *BIG.values()) if sum(v) <= 12)
+    for fn in (evolution, random_search):
+        calls = []
+
+        def score(sel):
+            calls.append(dict(sel))
+            return _big_score(sel)
+
+        best, s, hist = fn(BIG, score, budget=150, seed=1, fits=_big_fits)
+        assert len(hist) == len(calls) == 150  # the budget is spent on what fits
+        assert all(_big_fits(c) for c in calls) and _big_fits(best)
+        assert s == min(h[1] for h in hist) >= feasible_best
+    found = [evolution(BIG, _big_score, budget=150, seed=sd, fits=_big_fits)[1]
+             for sd in range(4)]
+    rand = [random_search(BIG, _big_score, budget=150, seed=sd, fits=_big_fits)[1]
+            for sd in range(4)]
+    assert sum(found) < sum(rand) and min(found) == feasible_best, (found, rand)
+    # fewer that fit than the budget: each scored once, then it stops (small space)
+    few = lambda sel: sel["a"] + sel["b"] <= 1  # noqa: E731  (3 of 12 for a, b; c free)
+    for fn in (evolution, random_search):
+        best, s, hist = fn(GRID, _score, budget=50, seed=0, fits=few)
+        assert len(hist) == 3 * 5 and all(few(h[0]) for h in hist)
+        assert best == {"a": 1, "b": 0, "c": 3}
+    # none fits: no selection, no evaluation
+    for fn in (evolution, random_search):
+        best, s, hist = fn(GRID, _score, budget=10, seed=0, fits=lambda sel: False)
+        assert best is None and s == math.inf and hist == []

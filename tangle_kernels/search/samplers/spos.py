@@ -55,21 +55,19 @@ class SPOSSampler(Sampler):
         fn = evolution if cfg.spos_search == "evolution" else random_search
         kw = {"population": cfg.spos_population} if fn is evolution else {}
         ctx.log(f"SPOS: {cfg.spos_search} over the trained supernet ({cfg.spos_budget} evaluations)")
-        def score(sel):  # an architecture over the budget is never scored nor chosen
-            if ctx.fits is not None and not ctx.fits(sel):
-                return math.inf
-            return ctx.score(sel, cfg.spos_eval_batches)
-
+        # under a budget only the architectures that fit are scored: none of the
+        # evaluations is spent on one that could not be chosen
         selection, _, hist = fn(
             self.choices,
-            score,
+            lambda sel: ctx.score(sel, cfg.spos_eval_batches),
             budget=cfg.spos_budget,
             seed=ctx.seed,
+            fits=ctx.fits,
             **kw,
         )
-        if ctx.fits is not None and not ctx.fits(selection):
-            raise BudgetError(f"SPOS: none of the {cfg.spos_budget} architectures it drew fits "
-                              "the budget (raise --spos-budget, or loosen the budget)")
+        if selection is None:
+            raise BudgetError(f"SPOS: no architecture that fits the budget was found among "
+                              "the ones it drew (loosen the budget, or raise --spos-budget)")
         return selection, [{"arch": s, "score": v} for s, v in hist if math.isfinite(v)]
 
     def decision(self, history, cfg):
