@@ -22,7 +22,9 @@ __all__ = [
     "HardArch",
     "candidate_mix",
     "check_arch",
+    "end_index",
     "hard_index",
+    "is_sized",
     "one_hot_arch",
     "hard_as_soft",
 ]
@@ -79,6 +81,24 @@ class HardArch(dict):
         self.index = {n: int(index[n]) for n in weights} | {
             n: i for n, i in index.items() if n not in weights
         }
+
+
+def is_sized(values: Sequence) -> bool:
+    """Whether a choice's values are sizes (all real numbers; a bool is a switch, not a
+    size): the ones that have a largest and a smallest architecture."""
+    return bool(values) and all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                                for x in values)
+
+
+def end_index(values: Sequence, end: str) -> int | None:
+    """The index of a sized choice's largest (``end="max"``) or smallest (``"min"``)
+    value; None for a choice that is not sized (:func:`is_sized`)."""
+    if end not in ("max", "min"):
+        raise ValueError(f"end={end!r}: 'max' or 'min'")
+    values = list(values)
+    if not is_sized(values):
+        return None
+    return values.index((max if end == "max" else min)(values))
 
 
 def one_hot_arch(

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch import end_index
 from .cost import CostError, CostModel
 
 __all__ = ["add_latency", "attach", "table_of", "time_many", "time_ms", "latency_cache_dir"]
@@ -347,15 +348,15 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
 
 def _fit_archs(choices: Mapping[str, list], n: int) -> list[tuple[str, dict]]:
     """The architectures timed whole to map the table onto: the largest (``max``) and the
-    smallest (``min``; the first value of a non-numeric choice) and up to ``n`` more drawn
+    smallest (``min``; the first value of a choice that is not sized, ``is_sized``) and up to ``n`` more drawn
     uniformly (seeded: the same ones on every call), all distinct."""
     import random
 
-    def pick(f):
-        return {k: (f(v) if all(isinstance(x, (int, float)) for x in v) else v[0])
+    def pick(end):
+        return {k: v[i if (i := end_index(v, end)) is not None else 0]
                 for k, v in choices.items()}
 
-    out = [("max", pick(max)), ("min", pick(min))]
+    out = [("max", pick("max")), ("min", pick("min"))]
     seen = {tuple(sorted(map(str, sel.items()))) for _, sel in out}
     rng = random.Random(0)
     total = math.prod(len(v) for v in choices.values())

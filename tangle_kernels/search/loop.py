@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..nn.arch import HardArch
+from ..nn.arch import HardArch, end_index, is_sized
 from ..nn.base import set_arch
 from ..nn.latency import attach, table_of
 from . import distributed as D
@@ -154,6 +154,11 @@ class Search:
         cfg, dev = self.cfg, self.device
         if self.resume and not os.path.exists(self.ckpt_path):
             raise SearchError(f"--resume: no checkpoint in {self.out} (expected {self.ckpt_path})")
+        if cfg.sandwich != "none" and not any(is_sized(v) for v in self.space.choices.values()):
+            raise SearchError(f"sandwich={cfg.sandwich}: space {self.space.name!r} has no sized "
+                              "choice (all numbers), so its largest and smallest architectures "
+                              "are the sampled one: the step would train it twice; use "
+                              "sandwich=none")
         if self.dist.is_main:
             self.rundir.acquire(resume=self.resume, overwrite=self.overwrite)
         self._ready = True
@@ -449,15 +454,12 @@ SANDWICH_ENDS = {"none": (), "max": ("max",), "max-min": ("max", "min")}
 
 def sandwich_arch(arch: Mapping[str, torch.Tensor], choices: Mapping[str, list],
                   end: str) -> HardArch:
-    """The one-hot ``arch`` with every numeric choice at its largest (``end="max"``) or
-    smallest (``"min"``) value; a choice of other values keeps its sampled one."""
-    pick = max if end == "max" else min
+    """The one-hot ``arch`` with every sized choice (``nn.arch.is_sized``) at its largest
+    (``end="max"``) or smallest (``"min"``) value; another choice keeps its sampled one."""
     weights, index = {}, {}
     for n, v in arch.items():
-        vals = choices[n]
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            i = vals.index(pick(vals))
-        else:
+        i = end_index(choices[n], end)
+        if i is None:
             i = int(torch.argmax(v))
         w = torch.zeros_like(v)
         w[i] = 1.0

@@ -30,13 +30,29 @@ def test_sandwich_arch_puts_every_numeric_choice_at_its_extreme():
             assert float(v.sum()) == 1.0 and float(v[a.index[n]]) == 1.0
 
 
-def test_sandwich_is_refused_where_it_means_nothing():
+def test_sandwich_is_refused_where_it_means_nothing(tmp_path):
     with pytest.raises(SearchError, match="one of none, max, max-min"):
         SearchConfig(sampler="gdas", sandwich="both").check()
     with pytest.raises(SearchError, match="trains a mixture of every candidate"):
         SearchConfig(sampler="drnas", sandwich="max").check()
     SearchConfig(sampler="gdas", sandwich="max").check()
     SearchConfig(sampler="spos", sandwich="max-min").check()
+    # a space whose choices are not sizes: its ends are the sampled architecture itself,
+    # so the step would train it twice; refused before the output folder is taken
+    from types import SimpleNamespace
+
+    from tangle_kernels.nn.arch import end_index, is_sized
+
+    assert not is_sized([True, False]) and not is_sized(["a"]) and is_sized([2, 0.5])
+    assert end_index([4, 8, 2], "max") == 1 and end_index([4, 8, 2], "min") == 2
+    assert end_index(["relu", "gelu"], "max") is None
+    sp = make_space("nanogpt", preset="tiny")
+    flat = SimpleNamespace(name="flags", choices={"act": ["relu", "gelu"], "bias": [True, False]})
+    out = tmp_path / "run"
+    with pytest.raises(SearchError, match="no sized choice"):
+        Search(flat, sp.make_data("synthetic"), SearchConfig(sampler="spos", sandwich="max"),
+               out=str(out), progress=False, log=lambda m: None).setup()
+    assert not out.exists()
 
 
 def _smallest_always(search):
