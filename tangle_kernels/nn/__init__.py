@@ -51,7 +51,7 @@ Hugging Face GPT-2, nanoGPT).
 
 from __future__ import annotations
 
-from .arch import HardArch, candidate_mix, hard_index, one_hot_arch
+from .arch import HardArch, candidate_mix, end_index, hard_index, is_sized, one_hot_arch
 from .attention import EntangledAttention
 from .base import EntangledModule, accepts_arch, get_arch, set_arch
 from .conv import EntangledBatchNorm2d, EntangledConv2d
@@ -86,6 +86,8 @@ __all__ = [
     "one_hot_arch",
     "candidate_mix",
     "hard_index",
+    "is_sized",
+    "end_index",
     "set_arch",
     "get_arch",
     "accepts_arch",
