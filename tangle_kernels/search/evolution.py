@@ -17,7 +17,7 @@ Under a constraint (``fits(selection) -> bool``, e.g. a parameter budget) a sele
 that does not fit is never scored and does not count against ``budget``: the search
 spends every evaluation on architectures that fit, as Once-for-All and HAT's constrained
 evolution do, and stops early only when the space holds no more that fit. A search that
-finds none returns ``(None, inf, [])``.
+finds none returns ``(None, inf, [])``. A NaN score ranks last (as ``inf``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class SelectionCache:
                 self._rejected.add(k)
                 return math.inf
             s = float(self._score(dict(sel)))
+            if math.isnan(s):  # a NaN is never the best (min() would keep it if first)
+                s = math.inf
             self._seen[k] = s
             self.history.append((dict(sel), s))
         return self._seen[k]

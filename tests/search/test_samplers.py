@@ -366,3 +366,30 @@ def test_constrained_selection_scores_only_what_fits_and_counts_only_that():
     for fn in (evolution, random_search):
         best, s, hist = fn(GRID, _score, budget=10, seed=0, fits=lambda sel: False)
         assert best is None and s == math.inf and hist == []
+
+
+def test_a_nan_score_is_never_the_best_and_all_nan_is_refused():
+    """A supernet loss of NaN for one architecture ranks it last (min() would keep a NaN
+    met first); SPOS refuses a selection where every score is non-finite."""
+    from tangle_kernels.search.config import SearchConfig, SearchError
+    from tangle_kernels.search.samplers import make_sampler
+    from tangle_kernels.search.samplers.base import SelectionContext
+
+    for fn in (evolution, random_search):
+        for sd in range(3):
+            seen = []
+
+            def score(sel):  # the first selection scored is NaN
+                seen.append(dict(sel))
+                return math.nan if len(seen) == 1 else _score(sel)
+
+            best, s, hist = fn(GRID, score, budget=12, seed=sd)
+            assert best != seen[0] and math.isfinite(s) and s == _score(best)
+    cfg = SearchConfig(sampler="spos", spos_budget=5, spos_population=2)
+    sp = make_sampler("spos", GRID)
+    ctx = SelectionContext(cfg=cfg, score=lambda sel, n: math.nan, seed=0, log=lambda m: None)
+    with pytest.raises(SearchError, match="non-finite supernet validation loss"):
+        sp.select(ctx)
+    ok = SelectionContext(cfg=cfg, score=lambda sel, n: _score(sel), seed=0, log=lambda m: None)
+    sel, hist = sp.select(ok)
+    assert len(hist) == 5 and _score(sel) == min(h["score"] for h in hist)

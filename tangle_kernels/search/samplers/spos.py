@@ -57,7 +57,7 @@ class SPOSSampler(Sampler):
         ctx.log(f"SPOS: {cfg.spos_search} over the trained supernet ({cfg.spos_budget} evaluations)")
         # under a budget only the architectures that fit are scored: none of the
         # evaluations is spent on one that could not be chosen
-        selection, _, hist = fn(
+        selection, best, hist = fn(
             self.choices,
             lambda sel: ctx.score(sel, cfg.spos_eval_batches),
             budget=cfg.spos_budget,
@@ -68,6 +68,12 @@ class SPOSSampler(Sampler):
         if selection is None:
             raise BudgetError(f"SPOS: no architecture that fits the budget was found among "
                               "the ones it drew (loosen the budget, or raise --spos-budget)")
+        if not math.isfinite(float(best)):
+            from ..config import SearchError  # (config imports the samplers)
+
+            raise SearchError(f"SPOS: every one of the {len(hist)} architectures scored had a "
+                              "non-finite supernet validation loss (the supernet diverged: "
+                              "lower --lr, or check the data)")
         return selection, [{"arch": s, "score": v} for s, v in hist if math.isfinite(v)]
 
     def decision(self, history, cfg):
