@@ -143,15 +143,22 @@ def evolution(
     mutate_prob: float = 0.3,
     seed: int = 0,
     fits: Callable[[Selection], bool] | None = None,
+    initial: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Selection | None, float, list[tuple[Selection, float]]]:
     """Evolutionary search (SPOS): returns (best selection, its score, history). With
-    ``fits``, only selections that fit are scored, and parents are drawn among them."""
+    ``fits``, only selections that fit are scored, and parents are drawn among them.
+    ``initial`` selections join the first population (scored first, if they fit): under
+    a tight constraint in a large space, random draws may find none that fits, and one
+    known to fit (the constrained argmax) gives the mutations a place to start."""
     limit, total = _check(choices, budget)
     population = max(2, min(population, limit))
     parents = max(1, min(parents or max(1, population // 2), population))
     rng = random.Random(seed)
     cache = SelectionCache(score, fits)
-    _fill_random(choices, cache, rng, population, limit, total)
+    for sel in initial:
+        if len(cache) < limit:
+            cache(dict(sel))
+    _fill_random(choices, cache, rng, population - len(cache), limit, total)
     stall = 0
     while len(cache) < limit and stall < 50 and cache.history and cache.visited < total:
         ranked = sorted(cache.history, key=lambda t: t[1])[:parents]

@@ -393,3 +393,25 @@ def test_a_nan_score_is_never_the_best_and_all_nan_is_refused():
     ok = SelectionContext(cfg=cfg, score=lambda sel, n: _score(sel), seed=0, log=lambda m: None)
     sel, hist = sp.select(ok)
     assert len(hist) == 5 and _score(sel) == min(h["score"] for h in hist)
+
+
+def test_a_tight_constraint_in_a_large_space_starts_from_one_that_fits():
+    """8 of 6^7 selections fit: random draws find none, and evolution seeded with one
+    that fits (SPOS passes the constrained argmax) finds the constrained optimum."""
+    from tangle_kernels.search.config import SearchConfig
+    from tangle_kernels.search.samplers import make_sampler
+    from tangle_kernels.search.samplers.base import SelectionContext
+
+    big = {n: list(range(6)) for n in "abcdefg"}
+    fits = lambda sel: sum(sel.values()) <= 1  # noqa: E731
+    score = lambda sel: sel["a"] - sel["g"]  # noqa: E731  (optimum g=1, the rest 0)
+    assert evolution(big, score, budget=20, seed=0, fits=fits)[0] is None
+    zero = {n: 0 for n in big}
+    best, s, hist = evolution(big, score, budget=20, seed=0, fits=fits, initial=[zero])
+    assert best == {**zero, "g": 1} and s == -1 and hist[0][0] == zero
+    assert len(hist) == 8 and all(fits(h[0]) for h in hist)
+    cfg = SearchConfig(sampler="spos", spos_budget=20, spos_population=4)
+    ctx = SelectionContext(cfg=cfg, score=lambda sel, n: score(sel), seed=0,
+                           log=lambda m: None, fits=fits, best_within=lambda probs: zero)
+    sel, _ = make_sampler("spos", big).select(ctx)
+    assert sel == {**zero, "g": 1}
