@@ -197,7 +197,8 @@ def main(argv=None) -> int:
         f"at most {100 * tc['repeat_max_err']:.1f}%; within 20% of each other: "
         f"{tc['repeat_within_20pct']}/{tc['n']}.",
         "",
-        f"Search wall-clock ({bc['steps']} DrNAS steps, argmax, median and fastest of {bc['rounds']} "
+        f"Search wall-clock ({bc['steps']} DrNAS steps, argmax, median and fastest of "
+        f"{bc['rounds']} "
         "interleaved rounds, after an untimed warm-up; each round starts at another variant):",
         "",
         "| budget | median s | ratio to none | fastest s | ratio to none |",

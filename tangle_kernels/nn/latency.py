@@ -348,8 +348,8 @@ def add_latency(cm: CostModel, supernet: nn.Module, example: Any, *,
 
 def _fit_archs(choices: Mapping[str, list], n: int) -> list[tuple[str, dict]]:
     """The architectures timed whole to map the table onto: the largest (``max``) and the
-    smallest (``min``; the first value of a choice that is not sized, ``is_sized``) and up to ``n`` more drawn
-    uniformly (seeded: the same ones on every call), all distinct."""
+    smallest (``min``; the first value of a choice that is not sized, ``is_sized``) and
+    up to ``n`` more drawn uniformly (seeded: the same ones on every call), all distinct."""
     import random
 
     def pick(end):

@@ -156,6 +156,10 @@ def evolution(
     rng = random.Random(seed)
     cache = SelectionCache(score, fits)
     for sel in initial:
+        bad = [n for n, v in choices.items() if n not in sel or sel[n] not in list(v)]
+        if bad or set(sel) - set(choices):
+            raise ValueError(f"initial selection {dict(sel)}: not a selection of the choices "
+                             f"{dict(choices)}")
         if len(cache) < limit:
             cache(dict(sel))
     _fill_random(choices, cache, rng, population - len(cache), limit, total)

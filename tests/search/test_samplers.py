@@ -410,6 +410,9 @@ def test_a_tight_constraint_in_a_large_space_starts_from_one_that_fits():
     best, s, hist = evolution(big, score, budget=20, seed=0, fits=fits, initial=[zero])
     assert best == {**zero, "g": 1} and s == -1 and hist[0][0] == zero
     assert len(hist) == 8 and all(fits(h[0]) for h in hist)
+    for wrong in ({**zero, "g": 9}, {"a": 0}, {**zero, "z": 0}):
+        with pytest.raises(ValueError, match="not a selection of the choices"):
+            evolution(big, score, budget=20, seed=0, fits=fits, initial=[wrong])
     cfg = SearchConfig(sampler="spos", spos_budget=20, spos_population=4)
     ctx = SelectionContext(cfg=cfg, score=lambda sel, n: score(sel), seed=0,
                            log=lambda m: None, fits=fits, best_within=lambda probs: zero)

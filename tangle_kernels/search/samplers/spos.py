@@ -55,7 +55,8 @@ class SPOSSampler(Sampler):
         fn = evolution if cfg.spos_search == "evolution" else random_search
         kw = {"population": cfg.spos_population} if fn is evolution else {}
         if fn is evolution and ctx.best_within is not None:  # one architecture known to fit
-            kw["initial"] = [ctx.best_within({n: [1.0] * len(v) for n, v in self.choices.items()})]
+            uniform = {n: [1.0] * len(v) for n, v in self.choices.items()}
+            kw["initial"] = [ctx.best_within(uniform)]
         ctx.log(f"SPOS: {cfg.spos_search} over the trained supernet ({cfg.spos_budget} evaluations)")
         # under a budget only the architectures that fit are scored: none of the
         # evaluations is spent on one that could not be chosen
